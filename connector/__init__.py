@@ -1,0 +1,1 @@
+"""kvpool vLLM connector."""
