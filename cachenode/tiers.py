@@ -1,0 +1,34 @@
+"""The interface between the node's tiered store and the shared tiers behind it (Redis/Valkey, S3).
+
+The store (cachenode/store.py) owns L1 memory and L2 disk; shared tiers plug in behind them.
+A shared tier never raises into the store and never blocks a request beyond its short timeout:
+a failure or a slow answer is a miss, counted in metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class SharedTier(Protocol):
+    name: str
+
+    def get_many(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
+        """Verified values (record checksum checked) or None per key; never raises."""
+        ...
+
+    def submit_put(self, key: bytes, value: memoryview | bytes) -> None:
+        """Queue a background write; returns at once (bounded queue, oldest dropped)."""
+        ...
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        """Best-effort removal."""
+        ...
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until queued writes are done; False on timeout."""
+        ...
+
+    def close(self) -> None: ...
