@@ -1,0 +1,122 @@
+"""Chained chunk keys: which stored KV belongs to which text, for which model.
+
+Pure logic, no I/O. A key must be identical in every process that sees the same model and tokens
+(so engines share) and different whenever the KV could differ (so no engine ever loads KV computed
+for another model, layout, rank, tenant or prefix). Hence blake3 over a canonical byte encoding,
+never Python's ``hash()``: every input below is encoded explicitly, length-prefixed, little endian.
+
+key(i) = blake3( "kvpool-chunk" | format version | fingerprint digest | salt | key(i-1) | tokens(i) )
+
+The parent key chains a chunk to everything before it: the same 256 tokens after a different prefix
+have different KV (attention sees the prefix), so they must have a different key. A partial tail
+(fewer than ``chunk_size`` tokens) gets no key: it is recomputed, never stored (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+import blake3
+import numpy as np
+
+KEY_FORMAT_VERSION = 1
+KEY_SIZE = 32
+_DOMAIN = b"kvpool-chunk"
+_ROOT_PARENT = b"\x00" * KEY_SIZE
+
+
+def _field(value: bytes) -> bytes:
+    """Length-prefix a field so that no two different field lists encode to the same bytes."""
+    return struct.pack("<I", len(value)) + value
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Everything about the engine that changes the bytes of a chunk's KV.
+
+    ``kv_layout`` names the chunk layout and the attention backend that produced it; two backends
+    may compute slightly different KV for the same text, so they do not share chunks.
+    """
+
+    model: str
+    revision: str
+    kv_dtype: str
+    kv_layout: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    chunk_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "tp_size", "pp_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not (0 <= self.tp_rank < self.tp_size and 0 <= self.pp_rank < self.pp_size):
+            raise ValueError("rank out of range")
+
+    @cached_property
+    def digest(self) -> bytes:
+        """32 bytes that stand for the whole fingerprint (field order fixed, names included)."""
+        h = blake3.blake3(b"kvpool-fingerprint")
+        for name, value in sorted(asdict(self).items()):
+            h.update(_field(name.encode()))
+            h.update(_field(str(value).encode()))
+        return h.digest()
+
+    def for_rank(self, tp_rank: int, pp_rank: int) -> ModelFingerprint:
+        """The same engine seen from another worker: each TP/PP rank stores its own shard."""
+        d = asdict(self)
+        d.update(tp_rank=tp_rank, pp_rank=pp_rank)
+        return ModelFingerprint(**d)
+
+
+def num_full_chunks(num_tokens: int, chunk_size: int) -> int:
+    return num_tokens // chunk_size
+
+
+def chunk_keys(
+    fingerprint: ModelFingerprint,
+    token_ids: Sequence[int] | np.ndarray,
+    salt: str | bytes | None = None,
+    max_chunks: int | None = None,
+) -> list[bytes]:
+    """Keys of the full chunks of ``token_ids`` in order; the partial tail gets none.
+
+    ``max_chunks`` stops early (a caller that needs only a prefix pays only for it).
+    """
+    size = fingerprint.chunk_size
+    n = num_full_chunks(len(token_ids), size)
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n == 0:
+        return []
+    tokens = np.asarray(token_ids[: n * size], dtype=np.int64)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 0xFFFFFFFF):
+        raise ValueError("token ids must fit in 32 bits")
+    raw = tokens.astype("<u4").tobytes()
+    salt_bytes = salt.encode() if isinstance(salt, str) else (salt or b"")
+    head = blake3.blake3(_DOMAIN)
+    head.update(struct.pack("<I", KEY_FORMAT_VERSION))
+    head.update(_field(fingerprint.digest))
+    # A missing salt and an empty salt mean the same thing: no tenant isolation.
+    head.update(_field(salt_bytes))
+    keys: list[bytes] = []
+    parent = _ROOT_PARENT
+    step = size * 4
+    for i in range(n):
+        h = head.copy()
+        h.update(parent)
+        h.update(struct.pack("<I", size))
+        h.update(raw[i * step : (i + 1) * step])
+        parent = h.digest()
+        keys.append(parent)
+    return keys
