@@ -1,0 +1,398 @@
+"""The node's tiered store: L1 memory, L2 disk, then the shared tiers (Redis/Valkey, S3).
+
+The one object the gRPC and data servers call. A put is acknowledged once it is in L1; the disk
+write happens on one background writer thread (on disk within about a second), and each shared
+tier gets the value through its own background queue. A get walks L1, the pending disk writes,
+L2 (promoting hits into L1), then the shared tiers in order with one batched call for all keys
+still missing (promoting hits into L1 and, in the background, into L2).
+
+Ordering rules that keep the disk honest:
+- pending disk writes are keyed, so an overwrite replaces a write that has not started and a
+  write already in flight lands before the newer one (one writer, FIFO);
+- a delete removes the pending write and revokes the one in flight: the disk tier asks the store
+  just before its rename whether the write is still wanted, so a late write never resurrects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+
+from . import metrics
+from .disk_tier import DiskTier
+from .errors import InvalidRequest
+from .memory_tier import MemoryTier, nbytes, readonly_view
+from .record import MAX_KEY_SIZE
+from .tiers import SharedTier
+
+log = logging.getLogger(__name__)
+
+MEMORY = "memory"
+DISK = "disk"
+DEFAULT_DISK_QUEUE_BYTES = 256 * 1024**2
+
+
+def check_key(key) -> bytes:
+    """Keys are 1..64 bytes; anything else is the caller's error."""
+    if not isinstance(key, bytes | bytearray | memoryview):
+        raise InvalidRequest(f"key must be bytes, got {type(key).__name__}")
+    key = bytes(key)
+    if not 0 < len(key) <= MAX_KEY_SIZE:
+        raise InvalidRequest(f"key must be 1..{MAX_KEY_SIZE} bytes, got {len(key)}")
+    return key
+
+
+class _Pending:
+    """A disk write waiting for the writer thread."""
+
+    __slots__ = ("seq", "size", "value")
+
+    def __init__(self, seq: int, value, size: int) -> None:
+        self.seq = seq
+        self.value = value
+        self.size = size
+
+
+class TieredStore:
+    """L1 → L2 → shared tiers, with background write-through. Thread-safe."""
+
+    def __init__(
+        self,
+        memory_bytes: int,
+        disk_dir: str | None = None,
+        disk_bytes: int = 0,
+        *,
+        shared_tiers: Sequence[SharedTier] = (),
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.85,
+        disk_flush_interval: float = 0.5,
+        disk_queue_bytes: int = DEFAULT_DISK_QUEUE_BYTES,
+        disk_retry_after: float = 30.0,
+    ) -> None:
+        self.memory = MemoryTier(memory_bytes, high_watermark, low_watermark, name=MEMORY)
+        self.disk: DiskTier | None = None
+        if disk_dir is not None and disk_bytes > 0:
+            self.disk = DiskTier(
+                disk_dir, disk_bytes, high_watermark, low_watermark, retry_after=disk_retry_after, name=DISK
+            )
+        self.shared: tuple[SharedTier, ...] = tuple(shared_tiers)
+        self.disk_flush_interval = disk_flush_interval
+        self.disk_queue_bytes = disk_queue_bytes
+        self._ready = threading.Event()
+        self._cond = threading.Condition()
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._pending_bytes = 0
+        self._inflight: dict[bytes, int] = {}  # key -> seq of the write the writer is doing
+        self._writer_busy = False
+        self._seq = itertools.count(1)
+        self._deletes = 0  # bumped by every delete; a get that overlaps one does not promote
+        self._closing = False
+        self._closed = False
+        self._writer: threading.Thread | None = None
+        self.dropped_writes = 0
+        names = [MEMORY, DISK, *(t.name for t in self.shared)]
+        self._hits = dict.fromkeys(names, 0)
+        self._misses = dict.fromkeys(names, 0)
+        self._m_queue = metrics.TIER_QUEUE_DEPTH.labels(DISK)
+        self._m_dropped = metrics.TIER_DROPPED_WRITES.labels(DISK)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> TieredStore:
+        """Rebuild the disk index (may take seconds), start the writer, then report ready."""
+        if self._ready.is_set():
+            return self
+        if self.disk is not None:
+            self.disk.rebuild_index()
+            self._writer = threading.Thread(target=self._write_loop, name="kvpool-disk-writer", daemon=True)
+            self._writer.start()
+        self._ready.set()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def __enter__(self) -> TieredStore:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until pending disk writes are on disk and shared tiers drained; False on timeout."""
+        deadline = time.monotonic() + timeout
+        ok = True
+        if self.disk is not None:
+            with self._cond:
+                ok = self._cond.wait_for(
+                    lambda: not self._pending and not self._writer_busy, timeout=max(0.0, timeout)
+                )
+        for tier in self.shared:
+            try:
+                ok = tier.flush(max(0.0, deadline - time.monotonic())) and ok
+            except Exception:
+                log.exception("Shared tier %s failed to flush", tier.name)
+                ok = False
+        return ok
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush, stop the writer and close the shared tiers. Idempotent."""
+        if self._closed:
+            return
+        if self.ready:
+            self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout)
+        for tier in self.shared:
+            try:
+                tier.close()
+            except Exception:
+                log.exception("Shared tier %s failed to close", tier.name)
+        self._closed = True
+        self._ready.clear()
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def put(self, key: bytes, value) -> bool:
+        """Store a value (the store owns the buffer from now on). False if no tier took it."""
+        key = check_key(key)
+        in_memory = self.memory.put(key, value)
+        queued = self._enqueue_disk(key, value)
+        for tier in self.shared:
+            try:
+                tier.submit_put(key, value)
+            except Exception:
+                log.exception("Shared tier %s refused a put", tier.name)
+        return in_memory or queued or bool(self.shared)
+
+    def put_many(self, items: Mapping[bytes, object] | Iterable[tuple[bytes, object]]) -> int:
+        """Put each pair; returns how many were taken by some tier."""
+        pairs = items.items() if isinstance(items, Mapping) else items
+        return sum(self.put(key, value) for key, value in pairs)
+
+    def delete(self, keys: Iterable[bytes]) -> int:
+        """Remove keys from every tier, pending disk writes included; returns how many were held."""
+        keys = [check_key(k) for k in keys]
+        held = set()
+        with self._cond:
+            self._deletes += 1
+            for key in keys:
+                entry = self._pending.pop(key, None)
+                if entry is not None:
+                    self._pending_bytes -= entry.size
+                    held.add(key)
+                self._inflight.pop(key, None)  # revokes the write in flight (see still_wanted)
+            self._m_queue.set(len(self._pending))
+        for key in keys:
+            if self.memory.delete(key):
+                held.add(key)
+            if self.disk is not None and self.disk.delete(key):
+                held.add(key)
+        for tier in self.shared:
+            try:
+                tier.delete(keys)
+            except Exception:
+                log.exception("Shared tier %s failed to delete", tier.name)
+        return len(held)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> memoryview | None:
+        """A read-only view of the value (do not mutate it), or None."""
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        keys = [check_key(k) for k in keys]
+        deletes_before = self._deletes
+        results: list[memoryview | None] = [None] * len(keys)
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            value = self.memory.get(key)
+            if value is None:
+                value = self._pending_value(key)
+            if value is None:
+                missing.append(i)
+            else:
+                results[i] = readonly_view(value)
+        self._count(MEMORY, len(keys) - len(missing), len(missing))
+
+        if missing and self.disk is not None and self.ready:
+            still: list[int] = []
+            for i in missing:
+                value = self.disk.get(keys[i])
+                if value is None:
+                    still.append(i)
+                else:
+                    results[i] = value
+                    self._promote(keys[i], value, deletes_before, to_disk=False)
+            self._count(DISK, len(missing) - len(still), len(still))
+            missing = still
+
+        for tier in self.shared:
+            if not missing:
+                break
+            asked = [keys[i] for i in missing]
+            try:
+                values = tier.get_many(asked)
+            except Exception:
+                log.exception("Shared tier %s failed a get", tier.name)
+                values = [None] * len(asked)
+            still = []
+            for i, value in zip(missing, values, strict=True):
+                if value is None:
+                    still.append(i)
+                else:
+                    results[i] = readonly_view(value)
+                    self._promote(keys[i], value, deletes_before, to_disk=True)
+            self._count(tier.name, len(missing) - len(still), len(still))
+            missing = still
+        return results
+
+    def contains(self, key: bytes) -> bool:
+        """Held in L1, pending for L2, or in L2 (shared tiers are not asked)."""
+        key = check_key(key)
+        return self._held_locally(key)
+
+    def prefix_hits(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are held locally (L1, pending, L2); shared tiers not asked."""
+        count = 0
+        for key in keys:
+            if not self._held_locally(check_key(key)):
+                break
+            count += 1
+        return count
+
+    def stats(self) -> dict:
+        tiers: dict[str, dict] = {
+            MEMORY: {
+                "capacity": self.memory.capacity,
+                "used": self.memory.usage,
+                "entries": len(self.memory),
+                "hits": self._hits[MEMORY],
+                "misses": self._misses[MEMORY],
+                "evictions": self.memory.evictions,
+                "degraded": False,
+            }
+        }
+        if self.disk is not None:
+            tiers[DISK] = {
+                "capacity": self.disk.capacity,
+                "used": self.disk.usage,
+                "entries": len(self.disk),
+                "hits": self._hits[DISK],
+                "misses": self._misses[DISK],
+                "evictions": self.disk.evictions,
+                "degraded": self.disk.degraded,
+                "corrupt": self.disk.corrupt,
+            }
+        for tier in self.shared:
+            tiers[tier.name] = {
+                "capacity": None,
+                "used": None,
+                "entries": None,
+                "hits": self._hits[tier.name],
+                "misses": self._misses[tier.name],
+                "evictions": None,
+                "degraded": None,
+            }
+        with self._cond:
+            pending, pending_bytes = len(self._pending), self._pending_bytes
+        return {
+            "ready": self.ready,
+            "tiers": tiers,
+            "pending_writes": pending,
+            "pending_write_bytes": pending_bytes,
+            "dropped_writes": self.dropped_writes,
+        }
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _held_locally(self, key: bytes) -> bool:
+        if self.memory.contains(key) or key in self._pending:
+            return True
+        return self.disk is not None and self.disk.contains(key)
+
+    def _pending_value(self, key: bytes):
+        if self.disk is None:
+            return None
+        with self._cond:
+            entry = self._pending.get(key)
+            return None if entry is None else entry.value
+
+    def _promote(self, key: bytes, value, deletes_before: int, *, to_disk: bool) -> None:
+        """Copy a lower-tier hit upward unless a delete or a newer put came in meanwhile."""
+        if self._deletes != deletes_before or self.memory.contains(key):
+            return
+        self.memory.put(key, value)
+        if to_disk and self.disk is not None and not self._held_locally_below(key):
+            self._enqueue_disk(key, value)
+
+    def _held_locally_below(self, key: bytes) -> bool:
+        return key in self._pending or key in self._inflight or (self.disk is not None and key in self.disk)
+
+    def _count(self, tier: str, hits: int, misses: int) -> None:
+        if hits:
+            self._hits[tier] += hits
+            metrics.TIER_HITS.labels(tier).inc(hits)
+        if misses:
+            self._misses[tier] += misses
+            metrics.TIER_MISSES.labels(tier).inc(misses)
+
+    def _enqueue_disk(self, key: bytes, value) -> bool:
+        """Queue a background disk write; the queue is bounded in bytes, oldest dropped first."""
+        if self.disk is None:
+            return False
+        size = nbytes(value)
+        dropped = 0
+        with self._cond:
+            old = self._pending.pop(key, None)
+            if old is not None:
+                self._pending_bytes -= old.size
+            while self._pending and self._pending_bytes + size > self.disk_queue_bytes:
+                _, oldest = self._pending.popitem(last=False)
+                self._pending_bytes -= oldest.size
+                dropped += 1
+            self._pending[key] = _Pending(next(self._seq), value, size)
+            self._pending_bytes += size
+            self.dropped_writes += dropped
+            self._m_queue.set(len(self._pending))
+            self._cond.notify_all()
+        if dropped:
+            self._m_dropped.inc(dropped)
+            log.warning("Disk write queue full: dropped %d oldest pending writes", dropped)
+        return True
+
+    def _write_loop(self) -> None:
+        """The one disk writer: FIFO over pending writes, so the newest value lands last."""
+        assert self.disk is not None
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait(self.disk_flush_interval)
+                if not self._pending:
+                    return
+                key, entry = self._pending.popitem(last=False)
+                self._pending_bytes -= entry.size
+                self._inflight[key] = entry.seq
+                self._writer_busy = True
+                self._m_queue.set(len(self._pending))
+            try:
+                self.disk.put(
+                    key, entry.value, still_wanted=lambda k=key, s=entry.seq: self._inflight.get(k) == s
+                )
+            except Exception:
+                log.exception("Disk write of %s failed", key.hex())
+            finally:
+                with self._cond:
+                    if self._inflight.get(key) == entry.seq:
+                        del self._inflight[key]
+                    self._writer_busy = False
+                    self._cond.notify_all()
