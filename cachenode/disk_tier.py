@@ -163,8 +163,6 @@ class DiskTier:
                 doomed += self._evict_locked(self._low)
             self.peak_usage = self._usage
             self._publish()
-        for key in doomed:
-            _unlink(self.path_of(key))
         elapsed = time.perf_counter() - start
         self.last_rebuild_seconds = elapsed
         metrics.INDEX_REBUILD_SECONDS.set(elapsed)
@@ -298,8 +296,6 @@ class DiskTier:
             if not overfull:
                 self._writing[key] = token
             self._publish()
-        for old in doomed:
-            _unlink(self.path_of(old))
         if overfull:
             self._m_dropped.inc()
             return False
@@ -396,10 +392,15 @@ class DiskTier:
     # -- internals -----------------------------------------------------------------------------
 
     def _evict_locked(self, target: int) -> list[bytes]:
-        """Drop LRU records from the index until usage <= target; the caller unlinks them."""
+        """Drop LRU records until usage <= target.
+
+        Files are unlinked under the lock, so the bytes on disk never exceed what the index
+        counts, even for a moment between threads.
+        """
         doomed: list[bytes] = []
         while self._usage > target and self._index:
             key, size = self._index.popitem(last=False)
+            _unlink(self.path_of(key))
             self._usage -= size
             doomed.append(key)
         if doomed:
