@@ -190,7 +190,7 @@ class DiskTier:
     def usage(self) -> int:
         return self._usage
 
-    def keys(self) -> list[bytes]:
+    def lru_order(self) -> list[bytes]:
         with self._lock:
             return list(self._index)
 

@@ -95,7 +95,7 @@ class MemoryTier:
     def usage(self) -> int:
         return self._usage
 
-    def keys(self) -> list[bytes]:
+    def lru_order(self) -> list[bytes]:
         """Keys from least to most recently used (a snapshot)."""
         with self._lock:
             return list(self._entries)

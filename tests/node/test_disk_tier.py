@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -9,10 +10,9 @@ import threading
 import uuid
 
 import pytest
-from prometheus_client import REGISTRY
-
 from kvpool.cachenode import record
 from kvpool.cachenode.disk_tier import DiskTier, record_size
+from prometheus_client import REGISTRY
 
 
 def _name() -> str:
@@ -70,7 +70,7 @@ def test_lru_eviction_keeps_budget_and_removes_files(tmp_path):
         assert tier.put(b"k%d" % i, bytes(1000))
     assert tier.get(b"k0") is not None  # touch: k1 is now the oldest
     assert tier.put(b"k3", bytes(1000))
-    assert tier.keys() == [b"k2", b"k0", b"k3"]
+    assert tier.lru_order() == [b"k2", b"k0", b"k3"]
     assert not os.path.exists(tier.path_of(b"k1"))
     assert len(_files(tmp_path)) == 3 and tier.usage == 3 * size <= tier.capacity
     assert tier.evictions == 1
@@ -157,7 +157,7 @@ def test_index_rebuild_after_reopen_in_mtime_order(tmp_path):
     assert len(reopened) == 0
     seconds = reopened.rebuild_index()
     assert seconds >= 0 and REGISTRY.get_sample_value("kvpool_disk_index_rebuild_seconds") == seconds
-    assert reopened.keys() == list(values)
+    assert reopened.lru_order() == list(values)
     assert reopened.usage == first.usage
     assert _metric("kvpool_tier_entries", name) == 10
     for key, value in values.items():
@@ -172,7 +172,7 @@ def test_rebuild_enforces_a_lowered_budget_oldest_first(tmp_path):
         os.utime(first.path_of(b"k%d" % i), (2_000_000 + i, 2_000_000 + i))
     smaller = DiskTier(tmp_path, 4 * size, high_watermark=1.0, low_watermark=1.0, name=_name())
     smaller.rebuild_index()
-    assert smaller.keys() == [b"k6", b"k7", b"k8", b"k9"]
+    assert smaller.lru_order() == [b"k6", b"k7", b"k8", b"k9"]
     assert smaller.usage == 4 * size
     assert len(_files(tmp_path)) == 4
 
@@ -188,7 +188,7 @@ def test_leftover_temp_file_is_ignored_and_cleaned(tmp_path):
     reopened = DiskTier(tmp_path, 1 << 20, name=_name())
     reopened.rebuild_index()
     assert not os.path.exists(temp)
-    assert reopened.keys() == [b"kept"]
+    assert reopened.lru_order() == [b"kept"]
     assert reopened.get(b"crashed") is None
 
 
@@ -211,10 +211,8 @@ def test_budget_never_exceeded_under_concurrent_writers(tmp_path):
         total = 0
         with tier._lock:
             for path in _all_files(tmp_path):
-                try:
+                with contextlib.suppress(FileNotFoundError):  # a failed temp file, removed
                     total += os.path.getsize(path)
-                except FileNotFoundError:
-                    pass  # a failed temp file removed meanwhile
         return total
 
     def writer(seed: int):
@@ -252,7 +250,7 @@ def test_enospc_degrades_once_reads_go_on_and_recovery_clears(tiny_tmpfs, caplog
     assert not [p for p in _all_files(tiny_tmpfs) if p.endswith(".tmp")]  # failed temp files removed
     assert bytes(tier.get(b"first")) == b"1" * chunk
     assert tier.usage == sum(os.path.getsize(p) for p in _files(tiny_tmpfs))
-    for key in tier.keys():  # make room, as eviction or an operator would
+    for key in tier.lru_order():  # make room, as eviction or an operator would
         tier.delete(key)
     assert tier.put(b"again", b"a" * chunk)
     assert not tier.degraded and _metric("kvpool_tier_degraded", name) == 0
@@ -263,7 +261,7 @@ def test_degraded_tier_waits_for_the_back_off(tiny_tmpfs):
     while tier.put(b"fill%d" % len(tier), b"f" * 300 * 1024):
         pass
     assert tier.degraded
-    for key in tier.keys():
+    for key in tier.lru_order():
         tier.delete(key)
     assert not tier.put(b"small", b"s")  # space is back, but the back-off has not passed
     tier._retry_at = 0.0

@@ -8,9 +8,8 @@ import uuid
 
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
-
 from kvpool.cachenode.memory_tier import MemoryTier
+from prometheus_client import REGISTRY
 
 
 def _name() -> str:
@@ -28,7 +27,7 @@ def test_lru_order_get_touches_peek_and_contains_do_not():
     assert tier.get(b"a") is not None  # a becomes most recent; b is now the oldest
     assert tier.peek(b"b") is not None and tier.contains(b"b")  # no touch
     assert tier.put(b"d", bytes(100))
-    assert tier.keys() == [b"c", b"a", b"d"]
+    assert tier.lru_order() == [b"c", b"a", b"d"]
     assert not tier.contains(b"b")
 
 
@@ -40,7 +39,7 @@ def test_watermarks_evict_down_to_low_once_high_is_passed():
     assert tier.usage == 900 and len(tier) == 9  # at, not past, the high watermark
     assert tier.put(b"k9", bytes(100))
     assert tier.usage == 500
-    assert tier.keys() == [b"k5", b"k6", b"k7", b"k8", b"k9"]
+    assert tier.lru_order() == [b"k5", b"k6", b"k7", b"k8", b"k9"]
     assert tier.evictions == 5
     assert _metric("kvpool_tier_evictions_total", name) == 5
     assert _metric("kvpool_tier_usage_bytes", name) == 500
@@ -126,4 +125,4 @@ def test_budget_never_exceeded_under_16_threads():
     assert violations == []
     assert tier.peak_usage <= capacity
     assert tier.peak_usage > capacity * 0.5  # the test did push against the budget
-    assert tier.usage == sum(memoryview(tier.peek(k)).nbytes for k in tier.keys())
+    assert tier.usage == sum(memoryview(tier.peek(k)).nbytes for k in tier.lru_order())
