@@ -1,0 +1,137 @@
+"""The operator's only door to the API server: get, apply, delete children by (apiVersion, kind).
+
+One small generic client instead of the typed per-kind APIs, so that the RBAC test can list every
+call the operator makes from one table (`PLURALS`), and so that applying any child is one code path.
+Applies use server-side apply with a fixed field manager; an object that already holds every desired
+field is left alone, so reconciling twice sends no writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import kubernetes.client
+from kubernetes.client.exceptions import ApiException
+
+from .naming import GROUP as POOL_GROUP
+from .naming import MANAGER, PLURAL, VERSION
+
+APPLIED_HASH = "kvpool.io/applied-hash"
+"""Digest of the last applied body: a field dropped from the spec changes it, so the apply is resent."""
+
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("apps/v1", "StatefulSet"): "statefulsets",
+    ("apps/v1", "Deployment"): "deployments",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
+    (f"{POOL_GROUP}/{VERSION}", "KVCachePool"): PLURAL,
+}
+
+
+def path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    out = f"{prefix}/namespaces/{namespace}/{PLURALS[(api_version, kind)]}"
+    return f"{out}/{name}" if name else out
+
+
+def contains(actual: Any, desired: Any) -> bool:
+    """Whether `actual` already holds every field of `desired` (server defaults may add more)."""
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(
+            k in actual and contains(actual[k], v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list) and len(actual) == len(desired) and all(map(contains, actual, desired))
+        )
+    return actual == desired or str(actual) == str(desired)
+
+
+class Kube:
+    """A thin client on the kubernetes library's default configuration (set by kopf's login)."""
+
+    def __init__(self, api: kubernetes.client.ApiClient | None = None) -> None:
+        self.api = api or kubernetes.client.ApiClient()
+
+    def close(self) -> None:
+        self.api.close()
+
+    def __enter__(self) -> Kube:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: str, url: str, body: Any = None, query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json") -> Any:  # fmt: skip
+        response = self.api.call_api(
+            url,
+            method,
+            query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
+        raw = response.data
+        return json.loads(raw) if raw else None
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", path(api_version, kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def apply(self, obj: dict[str, Any]) -> str:
+        """Create or update `obj`; returns 'created', 'updated' or 'unchanged'."""
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+        obj = {**obj, "metadata": {**obj["metadata"]}}
+        meta = obj["metadata"]
+        meta["annotations"] = {**meta.get("annotations", {}), APPLIED_HASH: digest}
+        api_version, kind = obj["apiVersion"], obj["kind"]
+        current = self.get(api_version, kind, meta["namespace"], meta["name"])
+        if current is not None and contains(current, obj):
+            return "unchanged"
+        url = path(api_version, kind, meta["namespace"], meta["name"])
+        query = [("fieldManager", MANAGER), ("force", "true")]
+        if current is None:
+            try:
+                self._call(
+                    "POST", path(api_version, kind, meta["namespace"]), obj, [("fieldManager", MANAGER)]
+                )
+                return "created"
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        self._call("PATCH", url, obj, query, content_type="application/apply-patch+yaml")
+        return "updated"
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete if present; True when something was deleted."""
+        try:
+            self._call(
+                "DELETE", path(api_version, kind, namespace, name), {"propagationPolicy": "Background"}
+            )
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def serves(self, api_version: str, plural: str) -> bool:
+        """Whether the cluster serves a resource (e.g. ServiceMonitor only where Prometheus-operator runs)."""
+        try:
+            listing = self._call("GET", f"/apis/{api_version}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in (listing or {}).get("resources", []))

@@ -1,0 +1,38 @@
+"""A Prometheus-operator ServiceMonitor for the nodes' `/metrics` (only where that CRD exists)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import naming
+from .settings import PoolSettings
+from .statefulset import COMPONENT
+
+API_VERSION = "monitoring.coreos.com/v1"
+
+
+def build(owner: dict[str, Any], s: PoolSettings) -> dict[str, Any]:
+    meta = naming.metadata(owner, naming.statefulset_name(s.name), COMPONENT)
+    meta["labels"].update(s.service_monitor_labels)
+    endpoint: dict[str, Any] = {"port": "http", "path": "/metrics", "interval": s.service_monitor_interval}
+    if s.tls_secret:
+        endpoint["scheme"] = "https"
+        endpoint["tlsConfig"] = {
+            "insecureSkipVerify": False,
+            "ca": {"secret": {"name": s.tls_secret, "key": "ca.crt"}},
+        }
+    if s.auth_token:
+        endpoint["authorization"] = {
+            "type": "Bearer",
+            "credentials": {"name": s.auth_token.name, "key": s.auth_token.key},
+        }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": naming.selector(s.name, COMPONENT)},
+            "namespaceSelector": {"matchNames": [s.namespace]},
+            "endpoints": [endpoint],
+        },
+    }

@@ -1,0 +1,162 @@
+"""A pool's status from its children's status: the phase and conditions `kubectl get kvp` shows.
+
+Pure: the handlers read the StatefulSet and the lookup Deployment and pass them in, so every phase
+and condition rule is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from . import naming, sizing
+from .configmap import endpoints
+from .settings import PoolSettings
+from .statefulset import COMPONENT
+
+CONDITION_TYPES = ("Available", "Progressing", "Degraded", "ConfigValid")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(
+    previous: list[dict[str, Any]],
+    type_: str,
+    ok: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    at: str,
+) -> dict[str, Any]:
+    """One condition; lastTransitionTime moves only when the status flips."""
+    status = "True" if ok else "False"
+    old = next((c for c in previous if c.get("type") == type_), None)
+    since = (
+        old["lastTransitionTime"]
+        if old and old.get("status") == status and old.get("lastTransitionTime")
+        else at
+    )
+    out = {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+    if generation is not None:
+        out["observedGeneration"] = generation
+    return out
+
+
+def _rollout(sts: dict[str, Any] | None, desired: int) -> tuple[int, bool, str]:
+    """(ready replicas, rolled out?, message) of the cache-node StatefulSet."""
+    if sts is None:
+        return 0, desired == 0, "the StatefulSet does not exist yet"
+    st = sts.get("status") or {}
+    ready = int(st.get("readyReplicas") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    current = int(st.get("replicas") or 0)
+    observed = st.get("observedGeneration")
+    generation = (sts.get("metadata") or {}).get("generation")
+    seen = observed is None or generation is None or observed >= generation
+    revision_done = st.get("updateRevision") is None or st.get("currentRevision") == st.get("updateRevision")
+    done = seen and updated >= desired and current == desired and ready >= desired and revision_done
+    if done:
+        return ready, True, f"{ready}/{desired} cache nodes ready"
+    return ready, False, f"{ready}/{desired} cache nodes ready, {updated}/{desired} updated"
+
+
+def compute(
+    body: dict[str, Any],
+    settings: PoolSettings | None,
+    error: str | None,
+    sts: dict[str, Any] | None,
+    lookup: dict[str, Any] | None,
+    at: str | None = None,
+) -> dict[str, Any]:
+    """The status to patch onto pool `body`. `error`: why the spec is invalid (settings is then None)."""
+    at = at or now()
+    meta = body.get("metadata") or {}
+    generation = meta.get("generation")
+    previous = list((body.get("status") or {}).get("conditions") or [])
+    desired = settings.replicas if settings else int(((sts or {}).get("spec") or {}).get("replicas") or 0)
+    ready, rolled, message = _rollout(sts, desired)
+    sts_replicas = int(((sts or {}).get("status") or {}).get("replicas") or 0)
+    lookup_want = settings.lookup_replicas if settings else 0
+    lookup_ready = int(((lookup or {}).get("status") or {}).get("readyReplicas") or 0)
+
+    available = ready > 0 or desired == 0
+    degraded = rolled is False and sts is not None and ready < desired and _stalled(sts)
+    if settings is not None and lookup_want and lookup is not None and lookup_ready == 0 and rolled:
+        degraded, message = True, f"{message}; lookup service has no ready replica"
+    if error is not None:
+        phase = "Invalid"
+    elif desired == 0:
+        phase = "Stopped"
+    elif rolled and not degraded:
+        phase = "Running"
+    elif degraded:
+        phase = "Degraded"
+    elif ready == 0:
+        phase = "Pending"
+    else:
+        phase = "Progressing"
+
+    conditions = [
+        condition(
+            previous,
+            "Available",
+            available,
+            "NodesReady" if available else "NoNodeReady",
+            message,
+            generation,
+            at,
+        ),
+        condition(
+            previous,
+            "Progressing",
+            not rolled,
+            "RollingOut" if not rolled else "RolledOut",
+            message,
+            generation,
+            at,
+        ),
+        condition(
+            previous,
+            "Degraded",
+            degraded,
+            "NodesUnready" if degraded else "AsExpected",
+            message,
+            generation,
+            at,
+        ),
+        condition(
+            previous,
+            "ConfigValid",
+            error is None,
+            "InvalidSpec" if error else "Valid",
+            error or "the spec is valid and applied",
+            generation,
+            at,
+        ),
+    ]
+    pool = meta.get("name", "")
+    out: dict[str, Any] = {
+        "phase": phase,
+        "replicas": sts_replicas,
+        "readyReplicas": ready,
+        "selector": naming.selector_string(pool, COMPONENT),
+        "conditions": conditions,
+    }
+    if generation is not None:
+        out["observedGeneration"] = generation
+    if settings is not None:
+        out["memory"] = sizing.quantity(settings.cache_bytes)
+        out["containerMemory"] = sizing.quantity(settings.container_memory)
+        out["endpoints"] = endpoints(settings)
+        out["hashing"] = settings.hashing()
+        out["lookupReadyReplicas"] = lookup_ready
+    return out
+
+
+def _stalled(sts: dict[str, Any]) -> bool:
+    """A rollout that is not moving: every pod updated but some are not ready (crash loops, OOM, probes)."""
+    st = sts.get("status") or {}
+    want = int((sts.get("spec") or {}).get("replicas") or 0)
+    return int(st.get("updatedReplicas") or 0) >= want and int(st.get("currentReplicas") or want) >= want
