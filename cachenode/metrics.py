@@ -41,3 +41,14 @@ TIER_DROPPED_WRITES = Counter(
 )
 PINNED_BYTES = Gauge("kvpool_pinned_bytes", "Bytes pinned by leases for zero-copy reads")
 INDEX_REBUILD_SECONDS = Gauge("kvpool_disk_index_rebuild_seconds", "Time the last disk index rebuild took")
+
+# Shared tiers (Redis/Valkey, S3): traffic, errors and breaker state per tier.
+TIER_BYTES_READ = Counter("kvpool_tier_read_bytes_total", "Record bytes read from a tier", ["tier"])
+TIER_BYTES_WRITTEN = Counter("kvpool_tier_written_bytes_total", "Record bytes written to a tier", ["tier"])
+TIER_ERRORS = Counter("kvpool_tier_errors_total", "Failed calls to a tier by kind", ["tier", "kind"])
+TIER_SKIPPED = Counter(
+    "kvpool_tier_skipped_total", "Calls not sent to a tier because its circuit breaker was open", ["tier", "op"]
+)
+TIER_BREAKER_STATE = Gauge(
+    "kvpool_tier_breaker_state", "Circuit breaker of a tier: 0 closed, 1 half-open, 2 open", ["tier"]
+)
