@@ -1,0 +1,168 @@
+"""What verification costs on the get path, and how long the L2 index rebuild takes.
+
+Run: python bench/disk_tier.py [--records 100000] [--dir /some/disk]
+
+Prints, for 4 MiB and 32 MiB values:
+- memcpy GB/s (numpy copy: what an L1 get that moves the bytes costs) and xxh3-64 GB/s, and the
+  share of get throughput a verify would take on that path;
+- disk-tier get GB/s with the page cache warm, with and without checksum verification, and the
+  throughput lost to verification;
+and the time to rebuild the disk index of N small records (page cache and dentry cache warm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import xxhash
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kvpool.cachenode.disk_tier import DiskTier
+
+MiB = 1024**2
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def _median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_path(size: int, repeat: int) -> dict:
+    src = np.frombuffer(os.urandom(size), dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t_copy = _median_time(lambda: np.copyto(dst, src), repeat)
+    view = memoryview(src)
+    t_hash = _median_time(lambda: xxhash.xxh3_64_intdigest(view), repeat)
+    return {
+        "memcpy_gbps": _gbps(size, t_copy),
+        "xxh3_gbps": _gbps(size, t_hash),
+        # a get that moves the bytes once at memcpy speed, plus one verify pass
+        "cost_pct": 100 * t_hash / (t_copy + t_hash),
+    }
+
+
+def socket_gbps(size: int, repeat: int) -> float:
+    """A plain loopback socket moving the value once: what a network get is bounded by."""
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+    src = memoryview(os.urandom(size))
+    dst = memoryview(bytearray(size))
+
+    def sender():
+        for _ in range(repeat + 1):
+            a.sendall(src)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        got = 0
+        while got < size:
+            got += b.recv_into(dst[got:])
+        times.append(time.perf_counter() - start)
+    thread.join()
+    a.close()
+    b.close()
+    return _gbps(size, statistics.median(times[1:]))
+
+
+def disk_path(directory: str, size: int, count: int, rounds: int) -> dict:
+    tier = DiskTier(directory, 2 * count * size, fsync=False, name=f"bench-{size}")
+    keys = [b"bench-%d-%d" % (size, i) for i in range(count)]
+    for key in keys:
+        tier.put(key, os.urandom(size))
+    plain = DiskTier(directory, tier.capacity, verify=False, name=f"bench-nv-{size}")
+    plain.rebuild_index()
+
+    def read_all(t: DiskTier) -> float:
+        start = time.perf_counter()
+        for key in keys:
+            assert t.get(key) is not None
+        return time.perf_counter() - start
+
+    read_all(tier)  # warm the page cache
+    verified, unverified = [], []
+    for _ in range(rounds):  # interleaved, so drift hits both alike
+        verified.append(read_all(tier))
+        unverified.append(read_all(plain))
+    total = size * count
+    g_verify = _gbps(total, statistics.median(verified))
+    g_plain = _gbps(total, statistics.median(unverified))
+    return {
+        "get_gbps_verify": g_verify,
+        "get_gbps_no_verify": g_plain,
+        "cost_pct": 100 * (1 - g_verify / g_plain),
+    }
+
+
+def rebuild(directory: str, records: int) -> dict:
+    writer = DiskTier(directory, records * 1024, fsync=False, name="bench-rebuild-w")  # 1 KiB each
+    start = time.perf_counter()
+    for i in range(records):
+        writer.put(b"rebuild-%08d" % i, b"v" * 64)
+    write_s = time.perf_counter() - start
+    times = []
+    for _ in range(3):
+        fresh = DiskTier(directory, records * 1024, name="bench-rebuild")
+        times.append(fresh.rebuild_index())
+        assert len(fresh) == records
+    return {"records": records, "write_s": write_s, "rebuild_s": statistics.median(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    base = tempfile.mkdtemp(prefix="kvpool-bench-", dir=args.dir)
+    try:
+        print(
+            "value   memcpy  xxh3   cost vs memcpy | socket  cost vs socket get "
+            "| disk get verify / none  cost   (GB/s)"
+        )
+        for size, count in ((4 * MiB, 32), (32 * MiB, 8)):
+            mem = memory_path(size, repeat=20)
+            sock = socket_gbps(size, repeat=10)
+            sock_cost = 100 * (1 / mem["xxh3_gbps"]) / (1 / sock + 1 / mem["xxh3_gbps"])
+            disk = disk_path(os.path.join(base, f"get-{size}"), size, count, rounds=5)
+            print(
+                f"{size // MiB:>3} MiB  {mem['memcpy_gbps']:>6.1f}  {mem['xxh3_gbps']:>5.1f}  "
+                f"{mem['cost_pct']:>13.1f}% | {sock:>6.2f}  {sock_cost:>17.1f}% "
+                f"| {disk['get_gbps_verify']:>15.2f} / {disk['get_gbps_no_verify']:<5.2f} {disk['cost_pct']:>5.1f}%"
+            )
+            shutil.rmtree(os.path.join(base, f"get-{size}"))
+        r = rebuild(os.path.join(base, "rebuild"), args.records)
+        print(
+            f"index rebuild: {r['records']} records in {r['rebuild_s']:.3f} s "
+            f"({r['rebuild_s'] / r['records'] * 1e6:.1f} us/record; writing them took {r['write_s']:.1f} s)"
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
