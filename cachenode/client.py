@@ -1,0 +1,343 @@
+"""`Client`: the Python API of a kvpool pool (node, agent or `kvpool up`).
+
+Control calls go over gRPC; values travel on the node's lean TCP data channel (learned with one
+Hello call), received straight into the result objects; the ≤ 4 MiB-frame gRPC stream is the
+fallback when the data channel is off or unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from urllib.parse import urlparse
+
+import grpc
+
+from . import dataproto as dp
+from .errors import InvalidRequest, KVPoolError, Unauthenticated, Unavailable
+from .proto import kvpool_pb2 as pb
+from .proto import kvpool_pb2_grpc as pb_grpc
+from .settings import MAX_FRAME_SIZE
+from .validation import check_key, check_value_size
+
+DEFAULT_TIMEOUT_S = 10.0
+DATA_CONNECTIONS = 4
+READ_BUFFER = 256 * 1024
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+GRPC_MESSAGE_LIMIT = MAX_FRAME_SIZE + 64 * 1024
+
+Value = bytes | bytearray | memoryview
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """Accept grpc://host:port (or host:port); raise InvalidRequest with the expected form."""
+    text = url if "://" in url else f"grpc://{url}"
+    parsed = urlparse(text)
+    if parsed.scheme != "grpc" or not parsed.hostname or parsed.port is None:
+        raise InvalidRequest(f"pool URL must look like grpc://host:port, got {url!r}")
+    return parsed.hostname, parsed.port
+
+
+class _DataConnection:
+    def __init__(self, host: str, port: int, token: bytes, timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = self.sock.makefile("rb", buffering=READ_BUFFER)
+        self.sock.sendall(dp.encode_hello(token))
+        self.read_status()
+
+    def read_exact(self, n: int) -> bytes:
+        data = self.rfile.read(n)
+        if len(data) < n:
+            raise ConnectionError("data channel closed mid-response")
+        return data
+
+    def read_status(self) -> int:
+        status, count = dp.STATUS_STRUCT.unpack(self.read_exact(dp.STATUS_STRUCT.size))
+        if status != dp.STATUS_OK:
+            (length,) = dp.MSG_LEN.unpack(self.read_exact(dp.MSG_LEN.size))
+            message = self.read_exact(length).decode(errors="replace")
+            if status == dp.STATUS_INVALID:
+                raise InvalidRequest(message)
+            if status == dp.STATUS_UNAUTHENTICATED:
+                raise Unauthenticated(message)
+            raise Unavailable(f"data channel: {message}")
+        return count
+
+    def close(self) -> None:
+        try:
+            self.rfile.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Client:
+    """Thread-safe; reuse one per process. Use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        use_data_channel: bool = True,
+        data_connections: int = DATA_CONNECTIONS,
+    ) -> None:
+        self.url = url
+        self._host, self._port = parse_url(url)
+        self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._use_data_channel = use_data_channel
+        self._channel = grpc.insecure_channel(
+            f"{self._host}:{self._port}",
+            options=[
+                ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+                ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+            ],
+        )
+        self._stub = pb_grpc.CacheNodeStub(self._channel)
+        self._hello: pb.HelloResponse | None = None
+        self._hello_lock = threading.Lock()
+        self._idle: queue.LifoQueue[_DataConnection] = queue.LifoQueue(maxsize=max(1, data_connections))
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
+        self._channel.close()
+
+    # -- public API ----------------------------------------------------------------------
+    def put(self, key: bytes, value: Value) -> None:
+        self.put_many({key: value})
+
+    def put_many(self, mapping: Mapping[bytes, Value] | Iterable[tuple[bytes, Value]]) -> None:
+        items = list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
+        hello = self.hello()
+        for key, value in items:
+            check_key(key)
+            check_value_size(memoryview(value).nbytes, hello.max_value_size)
+        for batch in _batches(items, hello.max_batch_keys):
+            if self._data_channel_on():
+                self._with_data_connection(lambda conn, b=batch: self._put_data(conn, b))
+            else:
+                self._put_grpc(batch)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.get_many([key]).get(key)
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        keys = [bytes(k) for k in keys]
+        for key in keys:
+            check_key(key)
+        found: dict[bytes, bytes] = {}
+        for start in range(0, len(keys), self.hello().max_batch_keys):
+            chunk = keys[start : start + self.hello().max_batch_keys]
+            if self._data_channel_on():
+                found.update(self._with_data_connection(lambda conn, c=chunk: self._get_data(conn, c)))
+            else:
+                found.update(self._get_grpc(chunk))
+        return found
+
+    def get_into(self, key: bytes, buffer) -> int | None:
+        """Receive a value straight into `buffer` (writable, large enough); its size, or None."""
+        check_key(key)
+        if not self._data_channel_on():
+            value = self.get(key)
+            if value is None:
+                return None
+            memoryview(buffer).cast("B")[: len(value)] = value
+            return len(value)
+        return self._with_data_connection(lambda conn: self._get_into_data(conn, key, buffer))
+
+    def prefix_hits(self, keys: Sequence[bytes]) -> int:
+        return self._call(self._stub.PrefixHits, pb.KeysRequest(keys=list(keys))).count
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        return list(self._call(self._stub.Contains, pb.KeysRequest(keys=list(keys))).present)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return self._call(self._stub.Delete, pb.KeysRequest(keys=list(keys))).count
+
+    def stats(self) -> dict:
+        return json.loads(self._call(self._stub.Stats, pb.StatsRequest()).json)
+
+    def hello(self) -> pb.HelloResponse:
+        if self._hello is None:
+            with self._hello_lock:
+                if self._hello is None:
+                    self._hello = self._call(self._stub.Hello, pb.HelloRequest(client="kvpool-python"))
+        return self._hello
+
+    # -- gRPC ----------------------------------------------------------------------------
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+
+    def _put_grpc(self, items: list[tuple[bytes, Value]]) -> None:
+        def frames():
+            entries = [pb.PutEntry(key=k, size=memoryview(v).nbytes) for k, v in items]
+            pending = bytearray()
+            first = True
+            for _, value in items:
+                view = memoryview(value).cast("B")
+                while view:
+                    take = min(len(view), MAX_FRAME_SIZE - len(pending))
+                    pending += view[:take]
+                    view = view[take:]
+                    if len(pending) == MAX_FRAME_SIZE:
+                        yield pb.PutFrame(entries=entries if first else (), data=bytes(pending))
+                        first = False
+                        pending.clear()
+            if pending or first:
+                yield pb.PutFrame(entries=entries if first else (), data=bytes(pending))
+
+        self._call(self._stub.Put, frames())
+
+    def _get_grpc(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        try:
+            stream = self._stub.Get(pb.GetRequest(keys=keys), timeout=self._timeout, metadata=self._metadata)
+            sizes: list[int] = []
+            data = bytearray()
+            for i, frame in enumerate(stream):
+                if i == 0:
+                    sizes = list(frame.sizes)
+                data += frame.data
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        found: dict[bytes, bytes] = {}
+        pos = 0
+        for key, size in zip(keys, sizes, strict=True):
+            if size >= 0:
+                found[key] = bytes(data[pos : pos + size])
+                pos += size
+        return found
+
+    # -- data channel --------------------------------------------------------------------
+    def _data_channel_on(self) -> bool:
+        return self._use_data_channel and self.hello().data_port != 0
+
+    def _with_data_connection(self, operation):
+        """Run on a pooled connection; a stale pooled connection is retried once on a fresh one."""
+        for attempt in (0, 1):
+            conn, reused = self._acquire()
+            try:
+                result = operation(conn)
+            except KVPoolError:
+                conn.close()
+                raise
+            except (OSError, ConnectionError) as exc:
+                conn.close()
+                if reused and attempt == 0:
+                    continue
+                raise Unavailable(
+                    f"data channel to {self._host}:{self.hello().data_port} failed: {exc}"
+                ) from None
+            except BaseException:
+                conn.close()
+                raise
+            self._release(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    def _acquire(self) -> tuple[_DataConnection, bool]:
+        if self._closed:
+            raise Unavailable("client is closed")
+        try:
+            return self._idle.get_nowait(), True
+        except queue.Empty:
+            pass
+        hello = self.hello()
+        host = hello.data_host or self._host
+        try:
+            return _DataConnection(host, hello.data_port, hello.data_token, self._timeout), False
+        except KVPoolError:
+            raise
+        except OSError as exc:
+            raise Unavailable(f"cannot reach data channel {host}:{hello.data_port}: {exc}") from None
+
+    def _release(self, conn: _DataConnection) -> None:
+        try:
+            self._idle.put_nowait(conn)
+        except queue.Full:
+            conn.close()
+
+    @staticmethod
+    def _put_data(conn: _DataConnection, items: list[tuple[bytes, Value]]) -> None:
+        views = [memoryview(v).cast("B") for _, v in items]
+        conn.sock.sendall(dp.encode_put([(k, len(v)) for (k, _), v in zip(items, views, strict=True)]))
+        for view in views:
+            conn.sock.sendall(view)
+        conn.read_status()
+
+    @staticmethod
+    def _get_data(conn: _DataConnection, keys: list[bytes]) -> dict[bytes, bytes]:
+        conn.sock.sendall(dp.encode_get(keys))
+        count = conn.read_status()
+        sizes = dp.parse_sizes(conn.read_exact(count * dp.SIZE.size), count)
+        found: dict[bytes, bytes] = {}
+        for key, size in zip(keys, sizes, strict=True):
+            if size >= 0:
+                found[key] = conn.read_exact(size)
+        return found
+
+    @staticmethod
+    def _get_into_data(conn: _DataConnection, key: bytes, buffer) -> int | None:
+        conn.sock.sendall(dp.encode_get([key]))
+        count = conn.read_status()
+        (size,) = dp.parse_sizes(conn.read_exact(count * dp.SIZE.size), count)
+        if size < 0:
+            return None
+        view = memoryview(buffer).cast("B")
+        if len(view) < size:
+            # Drain the value so the connection stays usable, then refuse.
+            conn.read_exact(size)
+            raise InvalidRequest(f"buffer of {len(view)} bytes is too small for a {size}-byte value")
+        got = conn.rfile.readinto(view[:size])
+        if got != size:
+            raise ConnectionError("data channel closed mid-value")
+        return size
+
+
+def _batches(items: list[tuple[bytes, Value]], max_keys: int):
+    batch: list[tuple[bytes, Value]] = []
+    size = 0
+    for item in items:
+        n = memoryview(item[1]).nbytes
+        if batch and (len(batch) >= max_keys or size + n > MAX_REQUEST_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
+
+
+def _translate(exc: grpc.RpcError) -> KVPoolError:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    ):
+        return InvalidRequest(detail)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(detail)
+    return Unavailable(f"{code.name if code else 'error'}: {detail}")

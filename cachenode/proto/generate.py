@@ -1,0 +1,49 @@
+"""Regenerate kvpool_pb2*.py from kvpool.proto; tests check the committed files are current."""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROTO = "kvpool.proto"
+OUTPUTS = ("kvpool_pb2.py", "kvpool_pb2_grpc.py", "kvpool_pb2.pyi")
+
+
+def generate(out_dir: Path) -> None:
+    from grpc_tools import protoc
+
+    args = [
+        "protoc",
+        f"-I{HERE}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        str(HERE / PROTO),
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed")
+    grpc_file = out_dir / "kvpool_pb2_grpc.py"
+    text = grpc_file.read_text()
+    # protoc emits an absolute import; the module lives inside a package.
+    text = re.sub(r"^import kvpool_pb2 as", "from . import kvpool_pb2 as", text, flags=re.M)
+    grpc_file.write_text(text)
+
+
+def generated_texts() -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp))
+        return {name: (Path(tmp) / name).read_text() for name in OUTPUTS}
+
+
+def main() -> int:
+    for name, text in generated_texts().items():
+        (HERE / name).write_text(text)
+    print(f"regenerated {', '.join(OUTPUTS)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

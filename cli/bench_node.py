@@ -1,0 +1,132 @@
+"""`kvpool bench node`: Client put/get GB/s beside a plain TCP socket and Valkey, same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import click
+
+from .options import option
+
+MiB = 1024 * 1024
+SIZES = {"4m": 4 * MiB, "32m": 32 * MiB}
+
+
+def _progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _gbps(total_bytes: int, fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return total_bytes / (time.perf_counter() - started) / 1e9
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def _measure(client, raw, vclient, value: bytes, count: int) -> dict[str, float]:
+    """One pass of every path over `count` values of one size; GB/s per path."""
+    size = len(value)
+    keys = [f"bench-{size}-{i}".encode() for i in range(count)]
+    moved = count * size
+    figures = {
+        "baseline_tcp_gbps": _gbps(moved, lambda: [raw.get(size) for _ in keys]),
+        "baseline_tcp_put_gbps": _gbps(moved, lambda: [raw.put(size) for _ in keys]),
+        "put_gbps": _gbps(moved, lambda: [client.put(k, value) for k in keys]),
+    }
+    got: list = []
+    figures["get_gbps"] = _gbps(moved, lambda: got.extend(client.get(k) for k in keys))
+    if any(g != value for g in got):
+        raise click.ClickException("kvpool returned bytes that differ from what was put")
+    got.clear()
+    figures["baseline_valkey_put_gbps"] = _gbps(moved, lambda: [vclient.set(k, value) for k in keys])
+    figures["baseline_valkey_get_gbps"] = _gbps(moved, lambda: [vclient.get(k) for k in keys])
+    vclient.delete(*keys)
+    return figures
+
+
+@click.command("node")
+@option("--runs", type=click.IntRange(1, 100), default=5, help="Repetitions; medians are reported.")
+@option("--total", default=256, type=click.IntRange(32, 4096), help="MiB moved per size per run.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of figures.")
+def node(runs: int, total: int, as_json: bool) -> None:
+    """Node put/get GB/s vs a plain TCP socket and vs Valkey GET/SET of the same values."""
+    import valkey
+    from kvpool.cachenode import Client
+    from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
+
+    from .bench_tcp import TcpBaselineClient
+    from .local_servers import kvpool_up, valkey_server
+
+    tune_malloc_for_large_buffers()  # the client's get allocates each value (docs/benchmarks.md)
+    payloads = {name: os.urandom(size) for name, size in SIZES.items()}
+    tcp = subprocess.Popen(
+        [sys.executable, "-m", "kvpool.cli.bench_tcp", str(max(SIZES.values()))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    samples: dict[str, list[float]] = {}
+    try:
+        tcp_port = int(tcp.stdout.readline())
+        with kvpool_up("--memory", f"{2 * total + 64}MiB") as (_, url), valkey_server() as vk:
+            _progress(
+                f"node {url}, valkey 127.0.0.1:{vk.port}, tcp baseline 127.0.0.1:{tcp_port}; {runs} runs"
+            )
+            client = Client(url)
+            raw = TcpBaselineClient(tcp_port, max(SIZES.values()))
+            vclient = valkey.Valkey(host="127.0.0.1", port=vk.port)
+            for run in range(-1, runs):  # run -1 warms caches, heaps and connections; not counted
+                for name, size in SIZES.items():
+                    figures = _measure(client, raw, vclient, payloads[name], max(1, total * MiB // size))
+                    if run >= 0:
+                        for metric, gbps in figures.items():
+                            samples.setdefault(f"{metric}_{name}", []).append(gbps)
+                if run >= 0:
+                    _progress(
+                        f"run {run + 1}/{runs}: "
+                        + ", ".join(f"{k}={v[-1]:.2f}" for k, v in sorted(samples.items()))
+                    )
+            client.close()
+            raw.close()
+            vclient.close()
+    finally:
+        tcp.terminate()
+        tcp.wait()
+    result: dict = {"runs": runs, "mib_per_run": total}
+    for key, values in sorted(samples.items()):
+        result[key] = round(statistics.median(values), 3)
+        result[f"spread_{key}"] = _spread(values)
+    for name in SIZES:
+        result[f"ratio_get_vs_tcp_{name}"] = round(
+            result[f"get_gbps_{name}"] / result[f"baseline_tcp_gbps_{name}"], 3
+        )
+        result[f"ratio_put_vs_tcp_{name}"] = round(
+            result[f"put_gbps_{name}"] / result[f"baseline_tcp_put_gbps_{name}"], 3
+        )
+        result[f"ratio_get_vs_valkey_{name}"] = round(
+            result[f"get_gbps_{name}"] / result[f"baseline_valkey_get_gbps_{name}"], 3
+        )
+        result[f"ratio_put_vs_valkey_{name}"] = round(
+            result[f"put_gbps_{name}"] / result[f"baseline_valkey_put_gbps_{name}"], 3
+        )
+    if not as_json:
+        for name in SIZES:
+            click.echo(
+                f"{name}: get {result[f'get_gbps_{name}']:.2f} GB/s (tcp {result[f'baseline_tcp_gbps_{name}']:.2f}, "
+                f"x{result[f'ratio_get_vs_tcp_{name}']:.2f}; valkey x{result[f'ratio_get_vs_valkey_{name}']:.2f}) | "
+                f"put {result[f'put_gbps_{name}']:.2f} GB/s (tcp {result[f'baseline_tcp_put_gbps_{name}']:.2f}, "
+                f"x{result[f'ratio_put_vs_tcp_{name}']:.2f})"
+            )
+    click.echo(json.dumps(result))

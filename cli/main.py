@@ -1,0 +1,53 @@
+"""The `kvpool` command. Errors in flags print one line and exit with code 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import node_cmd, status_cmd
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="kvpool", prog_name="kvpool")
+def cli() -> None:
+    """kvpool: a Kubernetes-native distributed KV cache for LLM serving."""
+
+
+@cli.group("bench")
+def bench() -> None:
+    """Benchmarks that print their same-run baselines and ratios (--json for one JSON line)."""
+
+
+cli.add_command(node_cmd.node)
+cli.add_command(node_cmd.up)
+cli.add_command(status_cmd.status)
+
+
+def _register_bench() -> None:
+    from . import bench_node
+
+    bench.add_command(bench_node.node)
+
+
+_register_bench()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="kvpool", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"kvpool: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"kvpool: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("kvpool: aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
