@@ -252,7 +252,8 @@ class TieredStore:
                 else:
                     results[i] = readonly_view(value)
                     self._promote(keys[i], value, deletes_before, to_disk=True)
-            self._count(tier.name, len(missing) - len(still), len(still))
+            # the shared tier exports its own hit/miss metrics; the store only keeps them for stats()
+            self._count(tier.name, len(missing) - len(still), len(still), export=False)
             missing = still
         return results
 
@@ -338,12 +339,12 @@ class TieredStore:
     def _held_locally_below(self, key: bytes) -> bool:
         return key in self._pending or key in self._inflight or (self.disk is not None and key in self.disk)
 
-    def _count(self, tier: str, hits: int, misses: int) -> None:
-        if hits:
-            self._hits[tier] += hits
+    def _count(self, tier: str, hits: int, misses: int, *, export: bool = True) -> None:
+        self._hits[tier] += hits
+        self._misses[tier] += misses
+        if export and hits:
             metrics.TIER_HITS.labels(tier).inc(hits)
-        if misses:
-            self._misses[tier] += misses
+        if export and misses:
             metrics.TIER_MISSES.labels(tier).inc(misses)
 
     def _enqueue_disk(self, key: bytes, value) -> bool:
