@@ -64,6 +64,7 @@ class S3Config:
     path_style: bool = False
     multipart_threshold: int = 16 * MiB
     part_size: int = 8 * MiB
+    read_part_size: int = 8 * MiB  # 0: read each object with one plain GET
     concurrency: int = 8
     timeout: float = 5.0
     connect_timeout: float = 1.0
@@ -120,6 +121,7 @@ class SharedTiersConfig:
         s3_path_style: bool | None = None,
         s3_multipart_threshold: str | int = 16 * MiB,
         s3_part_size: str | int = 8 * MiB,
+        s3_read_part_size: str | int = 8 * MiB,
         s3_concurrency: int = 8,
         s3_timeout: float = 5.0,
         tier_order: str = "redis,s3",
@@ -155,6 +157,7 @@ class SharedTiersConfig:
                 path_style=s3_path_style,
                 multipart_threshold=_size(s3_multipart_threshold, "--s3-multipart-threshold", part),
                 part_size=part,
+                read_part_size=_read_part(s3_read_part_size),
                 concurrency=_count(s3_concurrency, "--s3-concurrency", 1, 64),
                 timeout=_positive(s3_timeout, "--s3-timeout"),
             )
@@ -303,6 +306,13 @@ def _size(value: str | int, flag: str, low: int, high: int | None = None) -> int
     return n
 
 
+def _read_part(value: str | int) -> int:
+    n = _size(value, "--s3-read-part-size", 0)
+    if 0 < n < MiB:
+        raise ValueError(f"--s3-read-part-size must be 0 (one GET per object) or at least 1MiB, got {n}")
+    return n
+
+
 def _positive(value: float, flag: str) -> float:
     try:
         x = float(value)
@@ -362,6 +372,7 @@ def shared_tier_options(func):
         ),
         opt("--s3-multipart-threshold", default="16MiB", help="Multipart upload above this size."),
         opt("--s3-part-size", default="8MiB", help="Multipart part / ranged-read size."),
+        opt("--s3-read-part-size", default="8MiB", help="Ranged parallel reads of this size (0: one GET)."),
         opt("--s3-concurrency", default=8, type=int, help="Parallel S3 transfers."),
         opt("--s3-timeout", default=5.0, type=float, help="S3 read timeout, seconds."),
         opt("--tier-order", default="redis,s3", help="Order in which shared tiers are read."),
@@ -375,3 +386,23 @@ def shared_tier_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def build_shared_tiers(config: SharedTiersConfig) -> list:
+    """The configured shared tiers, in read order (`SharedTier` objects from cachenode/tiers.py).
+
+    Imports the client libraries only when a tier is configured, so a node without shared tiers
+    needs neither valkey nor boto3. Constructing a tier opens no connection: a tier that is down
+    at start-up is simply a miss until it comes up.
+    """
+    tiers = []
+    for name in config.enabled:
+        if name == "redis":
+            from .redis_tier import RedisTier
+
+            tiers.append(RedisTier(config.redis, config.policy))
+        else:
+            from .s3_tier import S3Tier
+
+            tiers.append(S3Tier(config.s3, config.policy))
+    return tiers
