@@ -42,7 +42,9 @@ def stable_bytes(value: memoryview | bytes | bytearray) -> memoryview | bytes:
         return value
     view = memoryview(value)
     if view.readonly and isinstance(view.obj, bytes) and view.contiguous:
-        return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        if view.format == "B" and view.ndim == 1:
+            return value if isinstance(value, memoryview) else view
+        return view.cast("B")
     return bytes(view)
 
 
