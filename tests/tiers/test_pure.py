@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from kvpool.cachenode import metrics
 from kvpool.cachenode.background import Skipped, WriteBehindQueue, stable_bytes
 from kvpool.cachenode.breaker import CircuitBreaker, State
@@ -176,7 +175,6 @@ def test_options_build_policy_and_validate():
 def test_click_options_read_env(monkeypatch):
     import click
     from click.testing import CliRunner
-
     from kvpool.cachenode.shared_config import shared_tier_options
 
     @click.command()
@@ -202,7 +200,13 @@ def test_value_split_and_manifest_roundtrip():
     assert [p.nbytes for p in parts] == [1000] * 25 + [600]
     assert b"".join(parts) == value
     head = b"H" * 24 + b"key"
-    m = Manifest(parts=26, part_size=1000, record_size=len(head) + value.nbytes, generation=b"g" * 8, record_header=head)
+    m = Manifest(
+        parts=26,
+        part_size=1000,
+        record_size=len(head) + value.nbytes,
+        generation=b"g" * 8,
+        record_header=head,
+    )
     assert part_count(m.record_size, len(head), 1000) == 26
     assert ranges(10, 3, 4) == [(3, 6), (7, 9)]
 
