@@ -298,7 +298,7 @@ class RedisTier(BackgroundTier):
         else:
             metrics.TIER_ERRORS.labels(self.name, why).inc()
         try:
-            self._cas_delete(keys=[self.head_key(key)], args=[head])
+            self._cas_delete(keys=[self.head_key(key)], args=[bytes(head)])
             if manifest is not None:
                 self._client.delete(
                     *[self.part_key(key, manifest.generation, p) for p in range(manifest.parts)]
