@@ -9,8 +9,11 @@ fail or stall a request; recomputing is always correct.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -228,31 +231,127 @@ class SafePool:
                 log.debug("closing %s: %s", self.name, exc)
 
 
+class LocalNodePool(EmbeddedPool):
+    """The embedded pool, served to the engine's other processes over loopback.
+
+    vLLM's CPU and GPU executors run the worker (which moves the bytes) in another process than
+    the scheduler (which only asks "how many leading chunks are there?"). So the worker owns the
+    store — loads and saves stay in-process memory copies — and serves lookups to the scheduler
+    through a loopback kvpool node whose address it leaves in a rendezvous file named after the
+    engine id (both processes know it from the shared kv_transfer_config).
+    """
+
+    def __init__(self, memory_bytes: int, disk_dir: str | None, disk_bytes: int, rendezvous: str) -> None:
+        from pathlib import Path
+
+        from kvpool.cachenode.node import CacheNode
+        from kvpool.cachenode.settings import NodeSettings
+
+        ns = NodeSettings(
+            host="127.0.0.1", port=0, http_port=0, data_port=0, memory=memory_bytes,
+            disk_dir=Path(disk_dir) if disk_dir else None, disk_size=disk_bytes if disk_dir else 0,
+        )  # fmt: skip
+        self._node = CacheNode(ns)
+        self._node.start(wait_ready=True)
+        self._store = self._node.store
+        self.name = "embedded pool" + (f" (disk {disk_dir})" if disk_dir else "")
+        self.url = self._node.url
+        self._rendezvous = rendezvous
+        tmp = f"{rendezvous}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.url)
+        os.replace(tmp, rendezvous)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            with open(self._rendezvous) as f:
+                mine = f.read() == self.url
+            if mine:
+                os.unlink(self._rendezvous)
+        self._node.stop()
+
+
+class RendezvousPool:
+    """The scheduler's view of a worker-owned embedded pool: lookups only, found lazily."""
+
+    def __init__(self, rendezvous: str, timeout: float) -> None:
+        self._rendezvous = rendezvous
+        self._timeout = timeout
+        self._remote: RemotePool | None = None
+        self.name = "embedded pool"
+
+    def _pool(self) -> RemotePool:
+        if self._remote is None:
+            with open(self._rendezvous) as f:  # missing → an error → a miss
+                self._remote = RemotePool(f.read().strip(), self._timeout)
+        return self._remote
+
+    def prefix_hits(self, keys: Sequence[bytes]) -> int:
+        return self._pool().prefix_hits(keys)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[object | None]:
+        return self._pool().get_many(keys)
+
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        self._pool().put_many(items)
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        self._pool().delete(keys)
+
+    def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
+
+
 _shared: dict[tuple, SafePool] = {}
+_embedded: dict[str, SafePool] = {}  # engine id → this process's worker-owned embedded pool
 _shared_lock = threading.Lock()
 
 
+def rendezvous_path(engine_id: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in engine_id)
+    return os.path.join(tempfile.gettempdir(), f"kvpool-embedded-{safe}.url")
+
+
 def open_pool(
-    url: str | None, *, memory_bytes: int, disk_dir: str | None, disk_bytes: int, timeout_s: float
+    url: str | None,
+    *,
+    memory_bytes: int,
+    disk_dir: str | None,
+    disk_bytes: int,
+    timeout_s: float,
+    engine_id: str = "default",
+    owner: bool = True,
 ) -> SafePool:
-    """One pool per process and configuration: the scheduler-side and worker-side connectors of a
-    single-process engine share the embedded pool (that is what makes its lookups see its saves).
-    A pool that cannot even be opened is a permanent miss, never an engine failure."""
-    cfg = (url, memory_bytes, disk_dir, disk_bytes)
+    """The pool for one connector. ``url`` set → that remote pool (shared per process).
+    Unset → the embedded pool: the worker (``owner``) creates and serves it; a scheduler in the
+    same process uses it directly, one in another process looks it up through the rendezvous
+    file. A pool that cannot even be opened is a permanent miss, never an engine failure."""
     with _shared_lock:
-        if cfg in _shared:
-            return _shared[cfg]
+        if url:
+            key = (url, timeout_s)
+            if key not in _shared:
+                try:
+                    _shared[key] = SafePool(RemotePool(url, timeout_s))
+                except Exception as exc:
+                    _shared[key] = _broken(url, exc)
+                atexit.register(_shared[key].close)
+            return _shared[key]
+        if engine_id in _embedded:
+            return _embedded[engine_id]
+        path = rendezvous_path(engine_id)
+        if not owner:
+            return SafePool(RendezvousPool(path, timeout_s))
         try:
-            if url:
-                pool = SafePool(RemotePool(url, timeout_s))
-            else:
-                pool = SafePool(EmbeddedPool(memory_bytes, disk_dir, disk_bytes), sync_writes=True)
+            pool = SafePool(LocalNodePool(memory_bytes, disk_dir, disk_bytes, path), sync_writes=True)
         except Exception as exc:
-            log.warning(
-                "kvpool: could not open pool %s (%s); running without a cache", url or "embedded", exc
-            )
-            metrics.ERRORS.labels(kind=f"open:{type(exc).__name__}").inc()
-            pool = SafePool(None)
-        _shared[cfg] = pool
+            pool = _broken("embedded", exc)
+        _embedded[engine_id] = pool
         atexit.register(pool.close)
         return pool
+
+
+def _broken(what: str, exc: Exception) -> SafePool:
+    log.warning("kvpool: could not open pool %s (%s); running without a cache", what, exc)
+    metrics.ERRORS.labels(kind=f"open:{type(exc).__name__}").inc()
+    return SafePool(None)
