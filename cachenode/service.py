@@ -113,7 +113,7 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
         except InvalidRequest as exc:
             metrics.ERRORS.labels("grpc_invalid").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self._store.put_many(list(zip(keys, (bytes(b) for b in buffers), strict=True)))
+        self._store.put_many(list(zip(keys, buffers, strict=True)))  # the store owns the buffers now
         metrics.REQUESTS.labels("put", "grpc").inc()
         metrics.BYTES_IN.labels("grpc").inc(total)
         metrics.LATENCY.labels("put").observe(time.perf_counter() - started)
