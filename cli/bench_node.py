@@ -64,6 +64,7 @@ def _measure(client, raw, vclient, value: bytes, count: int) -> dict[str, float]
 def node(runs: int, total: int, as_json: bool) -> None:
     """Node put/get GB/s vs a plain TCP socket and vs Valkey GET/SET of the same values."""
     import valkey
+
     from kvpool.cachenode import Client
     from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
 

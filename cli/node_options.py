@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+
 from kvpool.cachenode.auth import load_token
 from kvpool.cachenode.settings import (
     DEFAULT_DATA_PORT,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+
 from kvpool.cachenode.sizes import parse_size
 
 

@@ -8,6 +8,7 @@ import sys
 import threading
 
 import click
+
 from kvpool.cachenode.node import CacheNode
 from kvpool.cachenode.settings import NodeSettings
 from kvpool.cachenode.tuning import tune_malloc_for_large_buffers

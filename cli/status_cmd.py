@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import click
-from kvpool.cachenode import Client, KVPoolError
-from kvpool.cachenode.sizes import format_size
 from rich.console import Console
 from rich.table import Table
+
+from kvpool.cachenode import Client, KVPoolError
+from kvpool.cachenode.sizes import format_size
 
 from .options import option
 
