@@ -75,7 +75,7 @@ class Manifest:
         rh = record.decode_header(header)
         if len(header) != record.HEADER_SIZE + rh.key_len or rh.total_size != size:
             raise record.RecordError("manifest does not match its record header")
-        if part_size <= 0 or parts < 2 or parts != part_count(size, len(header), part_size):
+        if part_size <= 0 or parts < 1 or parts != part_count(size, len(header), part_size):
             raise record.RecordError("manifest part layout is inconsistent")
         return cls(parts, part_size, size, gen, header)
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kvpool.cachenode.shared_config import SharedTiersConfig
 
 
@@ -165,6 +166,14 @@ def aws_env():
 
 @pytest.fixture(scope="session")
 def s3_server(aws_env):
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def own_s3(aws_env):
+    """An S3 server for one test (it may be stopped and restarted)."""
     server = S3Server()
     yield server
     server.stop()

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from kvpool.cachenode import metrics
 from kvpool.cachenode.background import Skipped, WriteBehindQueue, stable_bytes
 from kvpool.cachenode.breaker import CircuitBreaker, State
@@ -175,6 +176,7 @@ def test_options_build_policy_and_validate():
 def test_click_options_read_env(monkeypatch):
     import click
     from click.testing import CliRunner
+
     from kvpool.cachenode.shared_config import shared_tier_options
 
     @click.command()

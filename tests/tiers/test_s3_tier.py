@@ -39,7 +39,11 @@ def make_tier(s3_server, bucket, closing, **kw) -> S3Tier:
 
 def test_roundtrip_single_put_multipart_and_ranged_reads(s3_server, bucket, closing):
     tier = make_tier(s3_server, bucket, closing)
-    values = {b"small": os.urandom(1000), b"ranged": os.urandom(5 * MiB), b"multipart": os.urandom(12 * MiB + 3)}
+    values = {
+        b"small": os.urandom(1000),
+        b"ranged": os.urandom(5 * MiB),
+        b"multipart": os.urandom(12 * MiB + 3),
+    }
     for k, v in values.items():
         tier.submit_put(k, v)
     assert tier.flush(30)
