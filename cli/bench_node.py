@@ -109,19 +109,21 @@ def node(runs: int, total: int, as_json: bool) -> None:
     for key, values in sorted(samples.items()):
         result[key] = round(statistics.median(values), 3)
         result[f"spread_{key}"] = _spread(values)
+    # Ratios pair each run's figure with the same run's baseline, then take the median: the
+    # machine's speed drifts between runs more than the two paths differ within one.
+    pairs = {
+        "ratio_get_vs_tcp": ("get_gbps", "baseline_tcp_gbps"),
+        "ratio_put_vs_tcp": ("put_gbps", "baseline_tcp_put_gbps"),
+        "ratio_get_vs_valkey": ("get_gbps", "baseline_valkey_get_gbps"),
+        "ratio_put_vs_valkey": ("put_gbps", "baseline_valkey_put_gbps"),
+    }
     for name in SIZES:
-        result[f"ratio_get_vs_tcp_{name}"] = round(
-            result[f"get_gbps_{name}"] / result[f"baseline_tcp_gbps_{name}"], 3
-        )
-        result[f"ratio_put_vs_tcp_{name}"] = round(
-            result[f"put_gbps_{name}"] / result[f"baseline_tcp_put_gbps_{name}"], 3
-        )
-        result[f"ratio_get_vs_valkey_{name}"] = round(
-            result[f"get_gbps_{name}"] / result[f"baseline_valkey_get_gbps_{name}"], 3
-        )
-        result[f"ratio_put_vs_valkey_{name}"] = round(
-            result[f"put_gbps_{name}"] / result[f"baseline_valkey_put_gbps_{name}"], 3
-        )
+        for ratio, (ours, theirs) in pairs.items():
+            per_run = [
+                a / b for a, b in zip(samples[f"{ours}_{name}"], samples[f"{theirs}_{name}"], strict=True)
+            ]
+            result[f"{ratio}_{name}"] = round(statistics.median(per_run), 3)
+            result[f"spread_{ratio}_{name}"] = _spread(per_run)
     if not as_json:
         for name in SIZES:
             click.echo(
