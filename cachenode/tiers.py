@@ -32,3 +32,25 @@ class SharedTier(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class PolicyTier(SharedTier, Protocol):
+    """A shared tier that carries the pool's policy (the Redis and S3 tiers do).
+
+    Optional on top of SharedTier, so simple tiers (test doubles) need not implement it; the
+    store checks with isinstance(tier, PolicyTier) or getattr.
+    """
+
+    promote_on_read: bool
+    """Copy a hit from this tier into L1/L2 (False: serve it, keep local tiers for hot data)."""
+
+    def demote(self, key: bytes, value: memoryview | bytes) -> None:
+        """The store evicted `key` from its last local tier (L2, or L1 without disk). Under the
+        write-back policy the tier queues it (demotion before drop); under write-through it was
+        already written and this does nothing. Returns at once; copies a mutable buffer."""
+        ...
+
+    def stats(self) -> dict:
+        """Breaker state, queue depth, written and dropped counts, for the node's stats()."""
+        ...
