@@ -19,6 +19,7 @@ Why parts: one 32 MiB GET keeps one connection and the server's reply path busy 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ MANIFEST_MAGIC = b"KVPM"
 MANIFEST_VERSION = 1
 # magic | version u8 | reserved u8 | parts u16 | part_size u32 | record_size u64 | generation 8s
 MANIFEST = struct.Struct("<4sBBHIQ8s")
+_PEEK = MANIFEST.size + record.HEADER_SIZE + record.MAX_KEY_SIZE  # bytes that hold any manifest
 _READ_CHUNK = 1024 * 1024  # socket read size: 16x valkey-py's default, far fewer syscalls
 
 # Delete KEYS[1] only if it still holds ARGV[1] (a newer write is left alone).
@@ -341,38 +343,33 @@ class RedisTier(BackgroundTier):
             send(groups[0])
             for f in futures:
                 f.result()
-        pipe = self._client.pipeline(transaction=False)
+        # Each head replaces the old one atomically with a peek at the old one (MULTI: GETRANGE +
+        # SET), so an overwritten manifest's parts are found and removed. Not SET ... GET: that
+        # would send every old 8 MiB value back just to look at its first bytes.
+        pipe = self._client.pipeline(transaction=True)
         for key, head in heads:
-            pipe.set(self.head_key(key), head, px=self._ttl_ms, get=True)
-        old_heads = pipe.execute(raise_on_error=False)
-        stale: list[bytes] = []
-        for (key, _), old in zip(heads, old_heads, strict=True):
-            if isinstance(old, ResponseError):
-                raise old
-            if isinstance(old, bytes) and old[:4] == MANIFEST_MAGIC:
-                try:
-                    m = Manifest.decode(old)
-                    stale.extend(self.part_key(key, m.generation, p) for p in range(m.parts))
-                except record.RecordError:
-                    pass
-        if stale:
-            self._client.delete(*stale)
+            pipe.getrange(self.head_key(key), 0, _PEEK - 1)
+            pipe.set(self.head_key(key), head, px=self._ttl_ms)
+        replies = pipe.execute()
+        self._drop_parts_of(keys=[k for k, _ in heads], old_heads=replies[0::2])
         return nbytes
 
-    def _delete_many(self, keys: Sequence[bytes]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for key in keys:
-            pipe.getdel(self.head_key(key))
+    def _drop_parts_of(self, keys: Sequence[bytes], old_heads: Sequence[bytes | None]) -> None:
         stale: list[bytes] = []
-        for key, old in zip(keys, pipe.execute(), strict=True):
+        for key, old in zip(keys, old_heads, strict=True):
             if isinstance(old, bytes) and old[:4] == MANIFEST_MAGIC:
-                try:
+                with contextlib.suppress(record.RecordError):
                     m = Manifest.decode(old)
                     stale.extend(self.part_key(key, m.generation, p) for p in range(m.parts))
-                except record.RecordError:
-                    pass
         if stale:
             self._client.delete(*stale)
+
+    def _delete_many(self, keys: Sequence[bytes]) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        for key in keys:
+            pipe.getrange(self.head_key(key), 0, _PEEK - 1)
+            pipe.delete(self.head_key(key))
+        self._drop_parts_of(keys, pipe.execute()[0::2])
 
     def _close(self) -> None:
         self._parallel.shutdown(wait=False, cancel_futures=True)
