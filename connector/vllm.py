@@ -482,4 +482,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         return KVPoolPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self):
-        self._pool.flush()
+        # The worker owns the embedded pool: close it so its disk tier is flushed for the next start.
+        if self.role == KVConnectorRole.WORKER:
+            self._pool.close()
+        else:
+            self._pool.flush()

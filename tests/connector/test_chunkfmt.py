@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import pytest
+
 from kvpool.connector import chunkfmt
 from kvpool.connector.chunkfmt import HEADER_SIZE, ChunkFormatError, ChunkSpec, decode, encode
 

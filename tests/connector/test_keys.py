@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from kvpool.connector.keys import KEY_SIZE, ModelFingerprint, chunk_keys
 
 FP = ModelFingerprint(

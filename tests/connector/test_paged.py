@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvpool.connector.paged import CpuLayout, FlashLayout, kernel_block_ids
 
 B, H, N, D = 6, 2, 4, 8

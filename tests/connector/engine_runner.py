@@ -1,0 +1,85 @@
+"""Run a real vLLM CPU engine through a list of steps; write what happened as JSON.
+
+Started as a subprocess by test_engine.py (vLLM spawns processes, so this needs its own main).
+Each step sends token-id prompts (so chunk boundaries are exact) with greedy sampling and records
+prompt length, ``num_cached_tokens`` and the output tokens. One process may build several engines
+in turn (``engines``), sharing the slow imports.
+
+Spec: {"model": path, "out": path, "engines": [{"connector": bool, "extra": {...},
+        "steps": [{"name": str, "prompts": [[ids]...], "salt": str|null, "pause": [ready, go]}]}]}
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+
+def run_engine(model: str, engine: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kwargs = {}
+    if engine.get("connector", True):
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVPoolConnector",
+            kv_connector_module_path="kvpool.connector.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config=engine.get("extra", {}),
+        )
+    llm = LLM(
+        model=model,
+        enable_prefix_caching=False,  # so every reuse the tests see comes from the pool
+        block_size=32,
+        max_model_len=2048,
+        dtype="bfloat16",
+        seed=0,
+        max_num_seqs=8,
+        kv_cache_memory_bytes=64 << 20,
+        enforce_eager=True,
+        **kwargs,
+    )
+    sp = SamplingParams(temperature=0, max_tokens=engine.get("max_tokens", 12))
+    results: dict[str, list[dict]] = {}
+    for step in engine["steps"]:
+        if step.get("pause"):
+            ready, go = step["pause"]
+            open(ready, "w").close()
+            deadline = time.time() + 120
+            while not os.path.exists(go) and time.time() < deadline:
+                time.sleep(0.05)
+        prompts = [
+            {"prompt_token_ids": ids, **({"cache_salt": step["salt"]} if step.get("salt") else {})}
+            for ids in step["prompts"]
+        ]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        results[step["name"]] = [
+            {
+                "prompt_len": len(o.prompt_token_ids),
+                "cached": o.num_cached_tokens,
+                "tokens": list(o.outputs[0].token_ids),
+                "seconds": elapsed,
+            }
+            for o in outs
+        ]
+    llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
+    del llm
+    gc.collect()
+    return results
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    out = {"engines": [run_engine(spec["model"], e) for e in spec["engines"]]}
+    with open(spec["out"], "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()
