@@ -313,7 +313,7 @@ class RedisTier(BackgroundTier):
     def _write_many(self, items: Sequence[tuple[bytes, memoryview | bytes]]) -> int:
         part_size = self.cfg.part_size
         parts: list[tuple[bytes, memoryview | bytes]] = []
-        heads: list[tuple[bytes, bytes]] = []
+        heads: list[tuple[bytes, bytes, memoryview | None]] = []  # key, head bytes, value to append
         nbytes = 0
         for key, value in items:
             view = memoryview(value).cast("B")
@@ -321,13 +321,13 @@ class RedisTier(BackgroundTier):
             total = len(head) + view.nbytes
             nbytes += total
             if total <= part_size:
-                heads.append((key, head + bytes(view)))
+                heads.append((key, head, view))
                 continue
             gen = os.urandom(8)
             pieces = split_value(view, part_size)
             manifest = Manifest(len(pieces), part_size, total, gen, head)
             parts.extend((self.part_key(key, gen, p), piece) for p, piece in enumerate(pieces))
-            heads.append((key, manifest.encode()))
+            heads.append((key, manifest.encode(), None))
         part_ttl = self._ttl_ms + 60_000 if self._ttl_ms else None  # parts outlive their head
         if parts:
             lanes = min(len(parts), self.cfg.connections)
@@ -343,15 +343,21 @@ class RedisTier(BackgroundTier):
             send(groups[0])
             for f in futures:
                 f.result()
-        # Each head replaces the old one atomically with a peek at the old one (MULTI: GETRANGE +
+        # Each head replaces the old one atomically with a peek at the old one (MULTI: GETRANGE,
         # SET), so an overwritten manifest's parts are found and removed. Not SET ... GET: that
         # would send every old 8 MiB value back just to look at its first bytes.
         pipe = self._client.pipeline(transaction=True)
-        for key, head in heads:
+        # A single-part record goes as SET header + APPEND value inside the same MULTI: readers
+        # see both or neither, and the value is sent from the caller's buffer without a copy.
+        peeks: list[int] = []
+        for key, head, value in heads:
+            peeks.append(len(pipe))
             pipe.getrange(self.head_key(key), 0, _PEEK - 1)
             pipe.set(self.head_key(key), head, px=self._ttl_ms)
+            if value is not None and value.nbytes:
+                pipe.append(self.head_key(key), value)
         replies = pipe.execute()
-        self._drop_parts_of(keys=[k for k, _ in heads], old_heads=replies[0::2])
+        self._drop_parts_of(keys=[k for k, _, _ in heads], old_heads=[replies[i] for i in peeks])
         return nbytes
 
     def _drop_parts_of(self, keys: Sequence[bytes], old_heads: Sequence[bytes | None]) -> None:
