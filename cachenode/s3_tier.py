@@ -4,8 +4,9 @@ Writes: records below the multipart threshold are one PUT; larger ones a multipa
 parts go up in parallel. S3 makes an object visible only when its PUT or multipart upload
 completes, so a reader never sees half an object.
 
-Reads: the first `read_part_size` bytes are fetched with a ranged GET, whose Content-Range tells
-the object's full size; the rest is fetched as parallel ranged GETs pinned to the first reply's
+Reads: objects no larger than `read_part_size` (judged by the size of the last object read, as
+a pool's chunks are nearly all one size) are one plain GET. For larger ones the first
+`read_part_size` bytes are fetched with a ranged GET, whose Content-Range tells the full size; the rest is fetched as parallel ranged GETs pinned to the first reply's
 ETag (If-Match), so an overwrite during the read is a miss, never a mix of two objects. With
 read_part_size 0 an object is one plain GET: better for servers that materialise the whole object
 for every range (moto does; see docs/benchmarks.md), worse for AWS S3 where one connection
@@ -68,6 +69,10 @@ class S3Tier(BackgroundTier):
         self.cfg = cfg
         self._s3 = make_client(cfg)
         self._parallel = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix=f"kvpool-{name}-io")
+        # Size of the largest object of the last read. Chunks of a pool are nearly all one size, so this says
+        # whether the next read pays off as parallel ranges or is best as one plain GET.
+        self.size_hint = 0
+        self.ranged_reads = 0
         super().__init__(name, policy or TierPolicy())
 
     def object_key(self, key: bytes) -> str:
@@ -75,9 +80,9 @@ class S3Tier(BackgroundTier):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _first(self, key: bytes) -> tuple[bytes, int, str] | None:
+    def _first(self, key: bytes, ranged: bool) -> tuple[bytes, int, str] | None:
         """First range of the object: (bytes, full size, etag) or None when absent."""
-        extra = {"Range": f"bytes=0-{self.cfg.read_part_size - 1}"} if self.cfg.read_part_size else {}
+        extra = {"Range": f"bytes=0-{self.cfg.read_part_size - 1}"} if ranged else {}
         try:
             resp = self._s3.get_object(Bucket=self.cfg.bucket, Key=self.object_key(key), **extra)
         except ClientError as exc:
@@ -99,13 +104,18 @@ class S3Tier(BackgroundTier):
                 return False  # deleted or overwritten since the first range: a miss
             raise
         data = resp["Body"].read()
+        self.ranged_reads += 1
         if len(data) != last - first + 1:
             return False
         buf[first : last + 1] = data
         return True
 
     def _read_many(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
-        firsts = list(self._parallel.map(self._first, keys))
+        ranged = bool(self.cfg.read_part_size) and self.size_hint > self.cfg.read_part_size
+        firsts = list(self._parallel.map(lambda k: self._first(k, ranged), keys))
+        sizes = [f[1] for f in firsts if f is not None]
+        if sizes:
+            self.size_hint = max(sizes)
         out: list[memoryview | bytes | None] = [None] * len(keys)
         big: list[tuple[int, bytearray, str]] = []
         jobs = []

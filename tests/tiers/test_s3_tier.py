@@ -39,6 +39,7 @@ def make_tier(s3_server, bucket, closing, **kw) -> S3Tier:
 
 def test_roundtrip_single_put_multipart_and_ranged_reads(s3_server, bucket, closing):
     tier = make_tier(s3_server, bucket, closing)
+    tier.size_hint = 5 * MiB  # chunks of this pool are large: read them as parallel ranges
     values = {
         b"small": os.urandom(1000),
         b"ranged": os.urandom(5 * MiB),
@@ -49,6 +50,7 @@ def test_roundtrip_single_put_multipart_and_ranged_reads(s3_server, bucket, clos
     assert tier.flush(30)
     got = tier.get_many([*values, b"absent"])
     assert [bytes(g) if g is not None else None for g in got] == [*values.values(), None]
+    assert tier.ranged_reads >= 2 + 5  # the rest of "ranged" and of "multipart", in 2 MiB ranges
     listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="pools/p1/")["Contents"]
     assert sorted(o["Key"] for o in listed) == sorted(f"pools/p1/{k.hex()}" for k in values)
     sizes = {o["Key"]: o["Size"] for o in listed}
@@ -73,6 +75,7 @@ def test_objects_land_under_the_pool_prefix_by_default(s3_server, bucket, closin
 @pytest.mark.parametrize("case", ["flip", "truncate", "foreign", "garbage", "flip_in_later_range"])
 def test_corrupt_objects_are_misses_deleted_and_counted(s3_server, bucket, closing, case):
     tier = make_tier(s3_server, bucket, closing)
+    tier.size_hint = 5 * MiB
     size = 5 * MiB if case == "flip_in_later_range" else 4000
     tier.submit_put(b"victim", os.urandom(size))
     tier.submit_put(b"other", os.urandom(4000))
