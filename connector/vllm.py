@@ -199,8 +199,11 @@ class KVPoolConnector(KVConnectorBase_V1):
             metrics.STATS.observe("lookup_seconds", time.perf_counter() - t0)
             st.pool_chunks = hits
             st.saved_upto = max(st.saved_upto, hits)
-        loadable = min(st.pool_chunks, (st.prompt_tokens - 1) // self._C) if self.settings.load else 0
-        hit_tokens = loadable * self._C
+        # Load as far as the pool goes, but leave at least one prompt token for vLLM to compute
+        # (it needs one to produce logits): the last chunk may be loaded up to a block boundary.
+        bs = self._block_size
+        limit = (st.prompt_tokens - 1) // bs * bs
+        hit_tokens = min(st.pool_chunks * self._C, limit) if self.settings.load else 0
         if not st.counted:
             st.counted = True
             metrics.STATS.add("requests")
@@ -240,7 +243,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             if st.load is not None:
                 start, end = st.load
                 first = start // self._C
-                last = end // self._C
+                last = -(-end // self._C)  # the last chunk may be loaded in part
                 meta.loads.append(
                     LoadTask(
                         req_id=req_id,
@@ -347,12 +350,12 @@ class KVPoolConnector(KVConnectorBase_V1):
         bs, pos = self._block_size, 0
         for task in meta.loads:
             task_keys = task.keys[self._rank]
-            ok_tokens = 0
+            ok_tokens = ok_chunks = 0
             for j, key in enumerate(task_keys):
                 value = values[pos + j]
                 chunk_start = (task.first_chunk + j) * self._C
                 lo = max(chunk_start, task.start_token)  # block-aligned
-                hi = chunk_start + self._C
+                hi = min(chunk_start + self._C, task.end_token)
                 payload = self._verify(key, value)
                 if payload is None:
                     # this chunk and everything after it in the request: vLLM recomputes them
@@ -365,7 +368,7 @@ class KVPoolConnector(KVConnectorBase_V1):
                     data = torch.frombuffer(payload, dtype=getattr(torch, self._dtype)).view(
                         self._chunk_shape
                     )
-                data = data[:, :, lo - chunk_start :]
+                data = data[:, :, lo - chunk_start : hi - chunk_start]
                 if device.type != "cpu":
                     data = data.to(device, non_blocking=True)
                 ids = self._ids(
@@ -373,9 +376,10 @@ class KVPoolConnector(KVConnectorBase_V1):
                 )
                 self._pending.append((task, data, 0, ids))
                 ok_tokens += hi - lo
+                ok_chunks += 1
             pos += len(task_keys)
             metrics.STATS.add("loaded_tokens", ok_tokens)
-            self._pending_log.append((task, ok_tokens, len(task_keys), fetch_s))
+            self._pending_log.append((task, ok_tokens, ok_chunks, fetch_s))
         self._load_t0 = t0
         self._scatter_s = 0.0
         self._pending_layers = set(range(len(self._layers)))
@@ -416,7 +420,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             total = task.end_token - task.start_token
             log.info(
                 "Retrieved %d of %d tokens (%d chunks) from %s in %.1f ms%s",
-                ok_tokens, task.prompt_tokens, ok_tokens // self._C if ok_tokens == total else n_chunks,
+                ok_tokens, task.prompt_tokens, n_chunks,
                 self._pool.name, ms, "" if ok_tokens == total else f"; {total - ok_tokens} tokens failed, recomputing",
             )  # fmt: skip
         self._pending.clear()
