@@ -29,6 +29,7 @@ def _register_bench() -> None:
     from . import bench_node
 
     bench.add_command(bench_node.node)
+    bench.add_command(__import__("kvpool.cachenode.bench_tiers", fromlist=["tiers"]).tiers)
 
 
 _register_bench()
