@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from . import children, naming, settings, status
+from . import children, naming, settings, statefulset, status
 from .kube import Kube, contains
 
 STATUS_INTERVAL = float(os.environ.get("KVPOOL_STATUS_INTERVAL", "10"))
@@ -45,18 +45,31 @@ def _set_status(body: dict[str, Any], patch: kopf.Patch, new: dict[str, Any]) ->
         patch.status.update(new)
 
 
+def evaluate(kube: Kube, pool: dict[str, Any]) -> tuple[settings.PoolSettings | None, str | None]:
+    """The pool's effective settings, or why its spec cannot be rolled out."""
+    name, namespace = pool["metadata"]["name"], pool["metadata"]["namespace"]
+    try:
+        s = settings.parse(name, namespace, pool.get("spec") or {})
+        running = kube.get("apps/v1", "StatefulSet", namespace, naming.statefulset_name(name))
+        conflict = statefulset.immutable_change(running, statefulset.build(pool, s))
+        if conflict:
+            raise settings.InvalidSpec(conflict)
+    except settings.InvalidSpec as exc:
+        return None, str(exc)
+    return s, None
+
+
 def reconcile(body: Mapping[str, Any], patch: kopf.Patch, logger: Any) -> dict[str, str]:
     """Bring the pool's children to its spec; returns what happened to each child."""
     pool = plain(body)
     name, namespace = pool["metadata"]["name"], pool["metadata"]["namespace"]
     with Kube() as kube:
-        try:
-            s = settings.parse(name, namespace, pool.get("spec") or {})
-        except settings.InvalidSpec as exc:
-            logger.error(f"Spec of {namespace}/{name} is invalid, children left as they are: {exc}")
-            kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        s, error = evaluate(kube, pool)
+        if s is None:
+            logger.error(f"Spec of {namespace}/{name} is invalid, children left as they are: {error}")
+            kopf.warn(body, reason="InvalidSpec", message=str(error))
             sts, lookup = _read_workloads(kube, name, namespace)
-            _set_status(pool, patch, status.compute(pool, None, str(exc), sts, lookup))
+            _set_status(pool, patch, status.compute(pool, None, error, sts, lookup))
             return {}
         monitors = s.service_monitor and kube.serves("monitoring.coreos.com/v1", "servicemonitors")
         if s.service_monitor and not monitors:
@@ -96,10 +109,7 @@ def refresh_status(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     """Follow rollouts and failures of the children between spec changes."""
     pool = plain(body)
     name, namespace = pool["metadata"]["name"], pool["metadata"]["namespace"]
-    try:
-        s, error = settings.parse(name, namespace, pool.get("spec") or {}), None
-    except settings.InvalidSpec as exc:
-        s, error = None, str(exc)
     with Kube() as kube:
+        s, error = evaluate(kube, pool)
         sts, lookup = _read_workloads(kube, name, namespace)
     _set_status(pool, patch, status.compute(pool, s, error, sts, lookup))

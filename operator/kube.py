@@ -69,16 +69,18 @@ class Kube:
 
     def _call(self, method: str, url: str, body: Any = None, query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json") -> Any:  # fmt: skip
-        response = self.api.call_api(
-            url,
-            method,
+        request = self.api.param_serialize(
+            method=method,
+            resource_path=url,
             query_params=query or [],
             header_params={"Accept": "application/json", "Content-Type": content_type},
             body=body,
             auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
         )
+        response = self.api.call_api(*request)
+        response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=response.data.decode(errors="replace"), data=None)
         raw = response.data
         return json.loads(raw) if raw else None
 

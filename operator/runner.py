@@ -45,7 +45,7 @@ def run(
         clusterwide=not namespaces,
         namespaces=list(namespaces),
         standalone=standalone,
-        peering_name=peering_name,
+        peering_name=None if standalone else peering_name,
         priority=priority,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
         stop_flag=stop_flag,

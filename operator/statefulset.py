@@ -179,3 +179,26 @@ def build(owner: dict[str, Any], s: PoolSettings) -> dict[str, Any]:
         "metadata": naming.metadata(owner, naming.statefulset_name(s.name), COMPONENT),
         "spec": spec,
     }
+
+
+def _claims(sts: dict[str, Any]) -> list[tuple[Any, Any]]:
+    return [
+        ((c.get("spec") or {}).get("resources", {}).get("requests", {}).get("storage"),
+         (c.get("spec") or {}).get("storageClassName"))
+        for c in (sts.get("spec") or {}).get("volumeClaimTemplates") or []
+    ]  # fmt: skip
+
+
+def immutable_change(current: dict[str, Any] | None, desired: dict[str, Any]) -> str | None:
+    """Why `desired` cannot be applied over `current` (the API server refuses volume-claim changes)."""
+    if current is None:
+        return None
+    old, new = _claims(current), _claims(desired)
+    if len(old) != len(new) or any(
+        o[0] != n[0] or (n[1] and o[1] != n[1]) for o, n in zip(old, new, strict=True)
+    ):
+        return (
+            f"spec.disk cannot change after the pool is created (StatefulSet volume claims are immutable): "
+            f"running with {old or 'no disk'}, spec asks for {new or 'no disk'}; create a new pool instead"
+        )
+    return None
