@@ -51,8 +51,8 @@ class KVServer:
     def __init__(self, binary: str, workdir: Path, *extra: str) -> None:
         self.binary = binary
         self.workdir = workdir
-        self.extra = extra
         self.port = free_port()
+        self.extra = tuple(a.replace("{port}", str(self.port)) for a in extra)
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -95,6 +95,28 @@ def redis_server(tmp_path_factory):
         pytest.skip("redis-server not installed (apt-get install -y redis-server)")
     server = KVServer(binary, tmp_path_factory.mktemp("redis"))
     yield server
+    server.kill()
+
+
+@pytest.fixture()
+def tls_redis(tmp_path):
+    """Debian's redis-server with TLS only, and the CA file that verifies it."""
+    binary, openssl = shutil.which("redis-server"), shutil.which("openssl")
+    if binary is None or openssl is None:
+        pytest.skip("redis-server or openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        server = KVServer(binary, tmp_path, "--port", "0", "--tls-port", "{port}", "--tls-cert-file", str(cert),
+                          "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+                          "--requirepass", "tls-pass")  # fmt: skip
+    except RuntimeError:
+        pytest.skip("this redis-server was built without TLS")
+    yield server, cert
     server.kill()
 
 

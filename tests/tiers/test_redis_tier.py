@@ -209,3 +209,16 @@ def test_get_many_mixes_hits_misses_and_corrupt_in_one_batch(valkey_server, clos
     got = tier.get_many(keys)
     expected = [vals.get(k) if k != b"k2" else None for k in keys]
     assert [bytes(g) if g is not None else None for g in got] == expected
+
+
+def test_tls_with_password(tls_redis, closing):
+    server, ca = tls_redis
+    url = f"rediss://:tls-pass@127.0.0.1:{server.port}/0?ssl_ca_certs={ca}"
+    tier = make_tier(url, closing)
+    values = {b"small": os.urandom(1000), b"big": os.urandom(2 * MiB + 1)}
+    for k, v in values.items():
+        tier.submit_put(k, v)
+    assert tier.flush(10)
+    assert [bytes(v) for v in tier.get_many(list(values))] == list(values.values())
+    plain = make_tier(f"redis://:tls-pass@127.0.0.1:{server.port}/0", closing)
+    assert plain.get_many([b"small"]) == [None]  # no TLS: refused, a miss
