@@ -34,7 +34,9 @@ def serve_node(settings: NodeSettings, *, announce: bool) -> None:
     node.start(wait_ready=False)
     if announce:
         click.echo(node.url)
-    log.info("%s", node.summary())
+        click.echo(node.summary())
+    else:
+        log.info("%s", node.summary())
     sys.stdout.flush()
     while not stop.wait(0.5):
         pass

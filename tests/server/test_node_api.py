@@ -104,7 +104,11 @@ def test_http_endpoints(node):
     assert _http(node, "/readyz") == (200, "ready\n")
     code, body = _http(node, "/metrics")
     assert code == 200
-    puts = [line for line in body.splitlines() if line.startswith('kvpool_node_requests_total{op="put",transport="data"}')]
+    puts = [
+        line
+        for line in body.splitlines()
+        if line.startswith('kvpool_node_requests_total{op="put",transport="data"}')
+    ]
     assert puts and float(puts[0].split()[-1]) >= 1
     assert "kvpool_tier_usage_bytes" in body
     assert _http(node, "/nope")[0] == 404
@@ -121,3 +125,40 @@ def test_bad_urls_are_invalid():
     for url in ("http://x:1", "grpc://nohost", "::"):
         with pytest.raises(InvalidRequest, match="grpc://host:port"):
             Client(url)
+
+
+def test_concurrent_puts_never_exceed_the_memory_budget():
+    """16 threads put 1 MiB values into a 32 MiB node: usage stays within budget, recent values readable."""
+    import threading
+
+    from .conftest import run_node
+
+    budget = 32 * 1024 * 1024
+    with run_node("--memory", "32MiB") as small:
+        errors: list[BaseException] = []
+        peak = 0
+
+        def writer(worker: int) -> None:
+            nonlocal peak
+            try:
+                with small.client() as client:
+                    for i in range(40):
+                        value = bytes([worker]) * (1024 * 1024)
+                        client.put(f"w{worker}-{i}".encode(), value)
+                        used = client.stats()["tiers"]["memory"]["used"]
+                        peak = max(peak, used)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert 0 < peak <= budget
+        with small.client() as client:
+            stats = client.stats()["tiers"]["memory"]
+            assert stats["used"] <= budget and stats["evictions"] > 0
+            held = client.get_many([f"w{w}-39".encode() for w in range(16)])
+            assert all(v == bytes([int(k[1:].split(b"-")[0])]) * (1024 * 1024) for k, v in held.items())
