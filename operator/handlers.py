@@ -80,7 +80,10 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch, logger: Any) -> dict[s
         for obj in children.desired(pool, s, monitors):
             outcome[f"{obj['kind']}/{obj['metadata']['name']}"] = kube.apply(obj)
         for api_version, kind, child in children.unwanted(s):
-            if kube.delete(api_version, kind, namespace, child):
+            # Look first: a reconcile of an unchanged pool sends no writes at all.
+            if kube.get(api_version, kind, namespace, child) and kube.delete(
+                api_version, kind, namespace, child
+            ):
                 outcome[f"{kind}/{child}"] = "deleted"
         sts, lookup = _read_workloads(kube, name, namespace)
         _set_status(pool, patch, status.compute(pool, s, None, sts, lookup))

@@ -80,7 +80,9 @@ class Kube:
         response = self.api.call_api(*request)
         response.read()
         if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=response.data.decode(errors="replace"), data=None)
+            raise ApiException.from_response(
+                http_resp=response, body=response.data.decode(errors="replace"), data=None
+            )
         raw = response.data
         return json.loads(raw) if raw else None
 

@@ -63,7 +63,9 @@ class Cluster:
             "spec": spec,
         }
         self.generations[name] = 1
-        async with self.session.post(f"/apis/kvpool.io/v1alpha1/namespaces/{namespace}/kvcachepools", json=body) as r:
+        async with self.session.post(
+            f"/apis/kvpool.io/v1alpha1/namespaces/{namespace}/kvcachepools", json=body
+        ) as r:
             assert r.status < 300, await r.text()
             return await r.json()
 
@@ -82,7 +84,9 @@ class Cluster:
         )
 
     async def delete_pool(self, name: str, namespace: str = NS) -> None:
-        async with self.session.delete(f"/apis/kvpool.io/v1alpha1/namespaces/{namespace}/kvcachepools/{name}") as r:
+        async with self.session.delete(
+            f"/apis/kvpool.io/v1alpha1/namespaces/{namespace}/kvcachepools/{name}"
+        ) as r:
             assert r.status < 300, await r.text()
 
     async def wait_for(self, what: Callable[[], Any], timeout: float = 10.0, message: str = "") -> Any:
@@ -113,7 +117,9 @@ def _declare_resources(emulator: kmock.KubernetesEmulator, service_monitors: boo
     )
     if service_monitors:
         emulator.resources["monitoring.coreos.com/v1/servicemonitors"] = kmock.ResourceInfo(
-            kind="ServiceMonitor", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+            kind="ServiceMonitor",
+            namespaced=True,
+            verbs={"get", "list", "watch", "create", "patch", "delete"},
         )
 
 
@@ -163,7 +169,9 @@ async def cluster(
             # Objects created before kopf's WATCH would be replayed to it as ADDED twice.
             await c.wait_for(
                 lambda: any(
-                    r.action == kmock.action.WATCH and r.resource is not None and r.resource.plural == "kvcachepools"
+                    r.action == kmock.action.WATCH
+                    and r.resource is not None
+                    and r.resource.plural == "kvcachepools"
                     for r in c.requests()
                 ),
                 timeout=float(os.environ.get("KOPF_WAIT", "20")),
