@@ -1,0 +1,189 @@
+"""Pure builders: every rendered child is a valid Kubernetes 1.35 object (strict), sized and wired right."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from kvpool.operator import children, kube, servicemonitor, sizing, statefulset, status
+from kvpool.operator.settings import InvalidSpec, parse
+
+K8S = "1.35.0"
+OWNER = {"metadata": {"name": "pool", "namespace": "ns", "uid": "0b5e-uid"}}
+FULL: dict[str, Any] = {
+    "replicas": 4,
+    "image": "registry.example/kvpool:1.2.3",
+    "imagePullSecrets": [{"name": "regcred"}],
+    "memory": "8GiB",
+    "resources": {"limits": {"cpu": "4"}, "requests": {"cpu": "1"}},
+    "disk": {"size": "100Gi", "storageClassName": "ssd", "reclaimPolicy": "Delete"},
+    "tiers": {
+        "redis": {"url": "rediss://r:6380/0", "credentialsSecret": {"name": "r", "usernameKey": "user"}},
+        "s3": {"url": "s3://bucket/prefix", "endpoint": "http://minio:9000", "credentialsSecret": {"name": "s3"}},
+    },
+    "chunkSize": 512,
+    "replicationFactor": 2,
+    "auth": {"tokenSecret": {"name": "tok"}},
+    "tls": {"secretName": "tls"},
+    "lookup": {"replicas": 2},
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "networkPolicy": {"enabled": True, "clientPodSelector": {"matchLabels": {"app": "vllm"}}},
+    "scheduling": {
+        "nodeSelector": {"pool": "cache"},
+        "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
+        "priorityClassName": "high",
+    },
+}  # fmt: skip
+
+
+def render(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    s = parse("pool", "ns", spec)
+    return {
+        f"{o['kind']}/{o['metadata']['name']}": o for o in children.desired(OWNER, s, service_monitors=True)
+    }
+
+
+@pytest.mark.parametrize(
+    "spec", [{}, FULL, {"replicas": 0, "lookup": {"replicas": 0}, "podDisruptionBudget": {"enabled": False}}]
+)
+def test_every_child_validates_strictly(spec: dict[str, Any]) -> None:
+    objs = render(spec)
+    for key, obj in objs.items():
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == "0b5e-uid", key
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "kvpool", key
+        if obj["apiVersion"] != servicemonitor.API_VERSION:  # not a Kubernetes kind
+            kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def test_full_spec_wires_tiers_secrets_disk_and_scheduling() -> None:
+    objs = render(FULL)
+    assert set(objs) == {
+        "ConfigMap/pool-kvpool", "Service/pool-nodes", "Service/pool", "StatefulSet/pool", "Deployment/pool-lookup",
+        "Service/pool-lookup", "PodDisruptionBudget/pool", "NetworkPolicy/pool", "ServiceMonitor/pool",
+    }  # fmt: skip
+    sts = objs["StatefulSet/pool"]
+    pod = sts["spec"]["template"]["spec"]
+    node = pod["containers"][0]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in node["env"]}
+    assert env["KVPOOL_REDIS_USERNAME"] == {"secretKeyRef": {"name": "r", "key": "user"}}
+    assert env["KVPOOL_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "r", "key": "password"}}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3", "key": "secretAccessKey"}}
+    assert env["KVPOOL_AUTH_TOKEN_FILE"] == "/etc/kvpool/auth/token"
+    assert node["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert (
+        claim["spec"]["storageClassName"] == "ssd"
+        and claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    )
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Delete"
+    assert pod["nodeSelector"] == {"pool": "cache"} and pod["priorityClassName"] == "high"
+    assert node["resources"]["limits"]["cpu"] == "4" and node["resources"]["requests"]["cpu"] == "1"
+    data = objs["ConfigMap/pool-kvpool"]["data"]
+    assert data["KVPOOL_CHUNK_SIZE"] == "512" and data["KVPOOL_REPLICATION_FACTOR"] == "2"
+    assert data["KVPOOL_DISK_SIZE"] == str(int(100 * 1024**3 * 0.95) - 64 * 1024**2)
+    assert (
+        data["KVPOOL_S3_ENDPOINT"] == "http://minio:9000"
+        and data["KVPOOL_REDIS_KEY_PREFIX"] == "kvpool:ns:pool:"
+    )
+    assert objs["ServiceMonitor/pool"]["metadata"]["labels"]["release"] == "prom"
+
+
+def test_memory_limit_is_cache_plus_overhead_and_derivable_from_the_limit() -> None:
+    s = parse("p", "ns", {"memory": "4GiB"})
+    assert s.container_memory == 4096 * 2**20 + 256 * 2**20 + 4 * 64 * 2**20 + 64 * 2**20
+    # Given only the limit, the cache is the largest that fits in it.
+    d = parse("p", "ns", {"resources": {"limits": {"memory": "10Gi"}}})
+    assert d.container_memory == 10 * 2**30
+    assert sizing.container_memory(d.cache_bytes, d.max_value_size) <= 10 * 2**30
+    assert sizing.container_memory(d.cache_bytes + 2**20, d.max_value_size) > 10 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"memory": "4GiB", "resources": {"limits": {"memory": "4Gi"}}}, "below spec.memory"),
+        ({"resources": {"limits": {"memory": "300Mi"}}}, "leaves no room"),
+        ({"chunkSize": 100}, "multiple of 16"),
+        ({"tiers": {"s3": {"url": "http://bucket"}}}, "s3://bucket/prefix"),
+        ({"eviction": {"highWatermark": 0.5, "lowWatermark": 0.6}}, "lowWatermark < highWatermark"),
+        ({"disk": {"size": "10Mi"}}, "too small"),
+        ({"resources": {"limits": {"cpu": "1"}, "requests": {"cpu": "2"}}}, "exceeds"),
+    ],
+)
+def test_invalid_specs_say_what_to_fix(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSpec, match=message):
+        parse("p", "ns", spec)
+
+
+def test_disk_change_on_a_running_pool_is_refused() -> None:
+    running = statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "10Gi"}}))
+    assert (
+        statefulset.immutable_change(
+            running, statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "10Gi"}}))
+        )
+        is None
+    )
+    assert "cannot change" in statefulset.immutable_change(
+        running, statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "20Gi"}}))
+    )
+    assert "cannot change" in statefulset.immutable_change(
+        running, statefulset.build(OWNER, parse("pool", "ns", {}))
+    )
+
+
+def test_spec_change_changes_the_pod_template_hash() -> None:
+    a = render({"memory": "1GiB"})["StatefulSet/pool"]["spec"]["template"]["metadata"]["annotations"]
+    b = render({"memory": "2GiB"})["StatefulSet/pool"]["spec"]["template"]["metadata"]["annotations"]
+    assert a["kvpool.io/config-hash"] != b["kvpool.io/config-hash"]
+    assert render({"memory": "1GiB"})["StatefulSet/pool"] == render({"memory": "1GiB"})["StatefulSet/pool"]
+
+
+def _sts(replicas: int, ready: int, updated: int) -> dict[str, Any]:
+    return {"metadata": {"generation": 2}, "spec": {"replicas": replicas},
+            "status": {"observedGeneration": 2, "replicas": replicas, "readyReplicas": ready, "updatedReplicas": updated,
+                       "currentReplicas": replicas}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("sts", "phase", "available", "degraded"),
+    [
+        (None, "Pending", False, False),
+        (_sts(3, 0, 0), "Pending", False, False),
+        (_sts(3, 1, 1), "Progressing", True, False),
+        (_sts(3, 2, 3), "Degraded", True, True),
+        (_sts(3, 3, 3), "Running", True, False),
+    ],
+)
+def test_phase_and_conditions(
+    sts: dict[str, Any] | None, phase: str, available: bool, degraded: bool
+) -> None:
+    body = {"metadata": {"name": "pool", "generation": 7}, "spec": {}}
+    s = parse("pool", "ns", {"replicas": 3, "lookup": {"replicas": 0}})
+    st = status.compute(body, s, None, sts, None, at="2026-01-01T00:00:00Z")
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["phase"] == phase and st["observedGeneration"] == 7
+    assert conds["Available"]["status"] == str(available)
+    assert conds["Degraded"]["status"] == str(degraded)
+    assert all(c["reason"] and c["message"] for c in conds.values())
+
+
+def test_condition_transition_time_moves_only_on_flips() -> None:
+    body: dict[str, Any] = {"metadata": {"name": "pool", "generation": 1}}
+    s = parse("pool", "ns", {"replicas": 1})
+    first = status.compute(body, s, None, None, None, at="T1")
+    body["status"] = first
+    again = status.compute(body, s, None, None, None, at="T2")
+    assert [c["lastTransitionTime"] for c in again["conditions"]] == ["T1"] * 4
+    flipped = status.compute(body, None, "bad", None, None, at="T3")
+    cond = {c["type"]: c for c in flipped["conditions"]}["ConfigValid"]
+    assert (cond["status"], cond["lastTransitionTime"], cond["message"]) == ("False", "T3", "bad")
+
+
+def test_contains_is_subset_with_exact_lists() -> None:
+    assert kube.contains({"a": 1, "b": {"c": [1, {"d": 2, "e": 3}]}}, {"b": {"c": [1, {"d": 2}]}})
+    assert not kube.contains({"b": {"c": [1]}}, {"b": {"c": [1, 2]}})
+    assert not kube.contains({"a": {"x": 1}}, {"a": {"x": 2}})
