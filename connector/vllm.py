@@ -17,6 +17,7 @@ are reported through vLLM's load-failure path (policy "recompute"), so vLLM reco
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ if not log.handlers and not logging.getLogger().handlers:
     _h = logging.StreamHandler()
     _h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [kvpool] %(message)s", "%m-%d %H:%M:%S"))
     log.addHandler(_h)
-    log.setLevel(logging.INFO)
+    log.setLevel(os.environ.get("KVPOOL_LOG_LEVEL", "INFO").upper())
     log.propagate = False
 
 
