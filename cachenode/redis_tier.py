@@ -201,7 +201,7 @@ class RedisTier(BackgroundTier):
     # -- reads ---------------------------------------------------------------------------------
 
     def _read_many(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
-        heads = self._get_raw([(self.head_key(k), None) for k in keys])
+        heads = self._get_lanes([(self.head_key(k), None) for k in keys])
         out: list[memoryview | bytes | None] = [None] * len(keys)
         manifests: list[tuple[int, Manifest, bytes]] = []
         nbytes = 0
@@ -269,6 +269,20 @@ class RedisTier(BackgroundTier):
             except record.RecordError:
                 self._discard(keys[i], head, manifest, "corrupt")
         return nbytes
+
+    def _get_lanes(self, jobs: list[tuple[bytes, memoryview | None]]) -> list[memoryview | bytearray | None]:
+        """`_get_raw` split over up to `connections` pooled connections at once (contiguous runs
+        of keys per lane), so a batch of MiB-sized records is not serialised on one socket."""
+        lanes = min(len(jobs), self.cfg.connections)
+        if lanes <= 1:
+            return self._get_raw(jobs)
+        step = -(-len(jobs) // lanes)
+        groups = [jobs[i : i + step] for i in range(0, len(jobs), step)]
+        futures = [self._parallel.submit(self._get_raw, g) for g in groups[1:]]
+        out = self._get_raw(groups[0])
+        for f in futures:
+            out.extend(f.result())
+        return out
 
     def _get_raw(
         self, jobs: Sequence[tuple[bytes, memoryview | None]]
