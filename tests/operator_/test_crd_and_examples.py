@@ -126,3 +126,15 @@ def test_crd_defaults_match_the_operators_defaults() -> None:
     assert settings.parse("x", "ns", apply_defaults(schema()["properties"]["spec"], full)) == settings.parse(
         "x", "ns", full
     )
+
+
+def test_docs_reference_is_generated_from_the_crd() -> None:
+    from kvpool.operator import crd_reference
+
+    from .schema_tools import CRD_PATH, ROOT
+
+    doc = ROOT / "docs" / "operator.md"
+    assert crd_reference.update(CRD_PATH, doc) == doc.read_text(), (
+        "run python -m kvpool.operator.crd_reference"
+    )
+    assert "`spec.chunkSize`" in doc.read_text()
