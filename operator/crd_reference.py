@@ -5,6 +5,7 @@ Regenerate with `python -m kvpool.operator.crd_reference crds/kvcachepools.yaml 
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 from typing import Any
@@ -49,9 +50,7 @@ def _rows(node: dict[str, Any], path: str) -> list[str]:
     required = set(node.get("required", []))
     for key, sub in (node.get("properties") or {}).items():
         here = f"{path}.{key}"
-        default = (
-            f"`{yaml.safe_dump(sub['default'], default_flow_style=True).strip()}`" if "default" in sub else ""
-        )
+        default = f"`{json.dumps(sub['default'])}`" if "default" in sub else ""
         req = " (required)" if key in required else ""
         desc = (sub.get("description") or "").replace("\n", " ").replace("|", "\\|")
         rows.append(f"| `{here}`{req} | {_type(sub)} | {default} | {desc} | {_constraints(sub)} |")
