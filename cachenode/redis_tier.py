@@ -171,7 +171,9 @@ class RedisTier(BackgroundTier):
             socket_timeout=cfg.timeout,
             socket_connect_timeout=cfg.connect_timeout,
             socket_read_size=_READ_CHUNK,
-            max_connections=cfg.connections,
+            # lanes per call are capped at `connections`; headroom so concurrent calls and the
+            # background writers wait for a socket rarely (a wait past `timeout` is a failure)
+            max_connections=cfg.connections * 4,
             timeout=cfg.timeout,  # wait for a free pooled connection
         )
         if cfg.tls:

@@ -41,10 +41,15 @@ def test_roundtrip_small_and_multipart_values(server, closing):
         b"onepart": os.urandom(MiB),  # the value fills one part; with its header it needs a manifest
         b"empty": b"",
     }
+    written = counter(metrics.TIER_BYTES_WRITTEN, "redis")
+    read = counter(metrics.TIER_BYTES_READ, "redis")
     for k, v in values.items():
         tier.submit_put(k, v)
     assert tier.flush(10)
     got = tier.get_many([*values, b"absent"])
+    payload = sum(record.HEADER_SIZE + len(k) + len(v) for k, v in values.items())
+    assert counter(metrics.TIER_BYTES_WRITTEN, "redis") - written == payload
+    assert counter(metrics.TIER_BYTES_READ, "redis") - read == payload
     assert [bytes(g) if g is not None else None for g in got] == [*values.values(), None]
     keys = set(server.client().keys(tier.cfg.prefix + b"*"))
     heads = {k for k in keys if b":c:" in k}
@@ -222,3 +227,47 @@ def test_tls_with_password(tls_redis, closing):
     assert [bytes(v) for v in tier.get_many(list(values))] == list(values.values())
     plain = make_tier(f"redis://:tls-pass@127.0.0.1:{server.port}/0", closing)
     assert plain.get_many([b"small"]) == [None]  # no TLS: refused, a miss
+
+
+def test_concurrent_overwrites_never_mix_parts(valkey_server, closing):
+    """Readers racing writers of the same multi-part keys get a whole value or a miss."""
+    import threading
+
+    tier = make_tier(valkey_server.url, closing)
+    keys = [b"race-%d" % i for i in range(3)]
+    stop = threading.Event()
+    seen = {"hits": 0, "mixed": 0, "errors": []}
+
+    def writer() -> None:
+        version = 0
+        while not stop.is_set():
+            version += 1
+            for i, k in enumerate(keys):
+                tier.submit_put(k, bytes([version % 251]) * (2 * MiB + 1000 * i + version % 7))
+            tier.flush(5)
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                for v in tier.get_many(keys):
+                    if v is None:
+                        continue
+                    seen["hits"] += 1
+                    data = bytes(v)
+                    if data != data[:1] * len(data):
+                        seen["mixed"] += 1
+        except BaseException as exc:
+            seen["errors"].append(exc)
+
+    corrupt = counter(metrics.TIER_CORRUPT, "redis")
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert seen["errors"] == [] and seen["mixed"] == 0
+    assert seen["hits"] > 10
+    assert counter(metrics.TIER_CORRUPT, "redis") == corrupt  # a lost race is a miss, not corruption
+    assert tier.breaker.state.value == "closed"
