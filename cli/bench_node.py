@@ -74,7 +74,7 @@ def node(runs: int, total: int, as_json: bool) -> None:
     tune_malloc_for_large_buffers()  # the client's get allocates each value (docs/benchmarks.md)
     payloads = {name: os.urandom(size) for name, size in SIZES.items()}
     tcp = subprocess.Popen(
-        [sys.executable, "-m", "kvpool.cli.bench_tcp", str(max(SIZES.values()))],
+        [sys.executable, "-P", "-m", "kvpool.cli.bench_tcp", str(max(SIZES.values()))],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -105,6 +105,7 @@ def kvpool_up(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.
     """Run `kvpool up` on free ports in a subprocess; yields (process, grpc URL)."""
     cmd = [
         sys.executable,
+        "-P",  # never the working directory on sys.path: the repo root's operator/ would shadow the stdlib
         "-m",
         "kvpool.cli.main",
         "up",

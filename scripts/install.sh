@@ -4,6 +4,9 @@
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The repo root holds a folder named `operator` (package kvpool.operator); never let Python put the
+# current directory on sys.path, where it would shadow the standard library's operator module.
+export PYTHONSAFEPATH=1
 EXTRAS="${1:-vllm}"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3

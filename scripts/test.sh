@@ -2,6 +2,9 @@
 # Install everything the tests need, then run the whole suite. Used by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The repo root holds a folder named `operator` (package kvpool.operator); never let Python put the
+# current directory on sys.path, where it would shadow the standard library's operator module.
+export PYTHONSAFEPATH=1
 
 # Real servers the tests start on loopback: redis-server from Debian (valkey-server comes in a wheel).
 if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
