@@ -21,6 +21,7 @@ from .httpserver import HealthServer
 from .proto import kvpool_pb2, kvpool_pb2_grpc
 from .service import CacheNodeService
 from .settings import MAX_FRAME_SIZE, NodeSettings
+from .shared_config import build_shared_tiers
 from .sizes import format_size
 from .store import TieredStore
 
@@ -39,16 +40,14 @@ def package_version() -> str:
 
 
 def build_store(settings: NodeSettings) -> TieredStore:
-    shared = []
-    if settings.redis_url or settings.s3_url:
-        from .shared_config import build_shared_tiers, shared_config_from_settings
-
-        shared = build_shared_tiers(shared_config_from_settings(settings))
+    shared = build_shared_tiers(settings.shared) if settings.shared is not None else []
     return TieredStore(
         settings.memory,
         disk_dir=settings.disk_dir,
         disk_bytes=settings.disk_size,
         shared_tiers=shared,
+        high_watermark=settings.high_watermark,
+        low_watermark=settings.low_watermark,
     )
 
 
@@ -141,6 +140,11 @@ class CacheNode:
         return (
             f"kvpool node {self.node_id} on {self.url} (data port {self.data_port}, http {self.http_port}): "
             f"memory {format_size(self.settings.memory)}, {disk}"
+            + (
+                f", shared tiers {', '.join(self.settings.shared.enabled)}"
+                if self.settings.shared and self.settings.shared.enabled
+                else ""
+            )
             + (", auth on" if self.settings.auth_token else "")
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .shared_config import SharedTiersConfig
 from .sizes import parse_size
 
 DEFAULT_GRPC_PORT = 7400
@@ -32,10 +33,9 @@ class NodeSettings:
     auth_token: str | None = None
     node_id: str = ""
     advertise_host: str = ""
-    redis_url: str | None = None
-    s3_url: str | None = None
-    s3_endpoint: str | None = None
-    extra: dict = field(default_factory=dict)
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    shared: SharedTiersConfig | None = None
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for any nonsense setting."""
@@ -51,5 +51,10 @@ class NodeSettings:
             raise ValueError(f"--max-batch-keys must be 1..1000000, got {self.max_batch_keys}")
         if self.disk_dir is not None and self.disk_size <= 0:
             raise ValueError("--disk-dir needs a positive --disk-size")
+        if not 0 < self.low_watermark < self.high_watermark <= 1:
+            raise ValueError(
+                f"watermarks must satisfy 0 < --low-watermark < --high-watermark <= 1, "
+                f"got {self.low_watermark} and {self.high_watermark}"
+            )
         if self.disk_dir is None and self.disk_size:
             raise ValueError("--disk-size needs --disk-dir")

@@ -110,6 +110,8 @@ class SharedTiersConfig:
         *,
         pool_name: str = "default",
         redis_url: str | None = None,
+        redis_username: str | None = None,
+        redis_password: str | None = None,
         redis_prefix: str | None = None,
         redis_ttl: float | str | None = None,
         redis_part_size: str | int = MAX_REDIS_PART,
@@ -138,8 +140,14 @@ class SharedTiersConfig:
         redis = None
         if redis_url:
             prefix = (redis_prefix if redis_prefix is not None else f"kvpool:{pool}:").encode()
+            credentials = {
+                name: value
+                for name, value in (("username", redis_username), ("password", redis_password))
+                if value  # from a Secret via KVPOOL_REDIS_USERNAME/PASSWORD; wins over the URL's
+            }
             redis = parse_redis_url(
                 redis_url,
+                **credentials,
                 prefix=prefix,
                 ttl=parse_ttl(redis_ttl, "--redis-ttl"),
                 part_size=_size(redis_part_size, "--redis-part-size", 64 * 1024, MAX_REDIS_PART),
@@ -357,6 +365,10 @@ def shared_tier_options(func):
     options = [
         opt("--pool-name", default="default", help="Pool name: the shared tiers' key prefix."),
         opt("--redis-url", default=None, help="redis://, rediss://, valkey:// URL of the shared tier."),
+        opt("--redis-username", default=None, help="Redis ACL user (overrides the URL's)."),
+        opt(
+            "--redis-password", default=None, help="Redis password (overrides the URL's; prefer the env var)."
+        ),
         opt("--redis-prefix", default=None, help="Key prefix in Redis (default kvpool:<pool>:)."),
         opt("--redis-ttl", default=None, help="TTL of chunks in Redis (e.g. 3600, 2h; 0 = none)."),
         opt("--redis-part-size", default="8MiB", help="Largest single Redis value (≤ 8MiB)."),

@@ -19,6 +19,7 @@ from kvpool.cachenode.settings import (
     DEFAULT_MEMORY,
     NodeSettings,
 )
+from kvpool.cachenode.shared_config import SharedTiersConfig, shared_tier_options
 
 from .options import PORT, SIZE, option
 
@@ -48,9 +49,18 @@ NODE_OPTIONS = [
         default=DEFAULT_MAX_BATCH_KEYS,
         help="Most keys in one request.",
     ),
-    option("--redis-url", default=None, help="Shared Redis/Valkey tier: redis://, rediss:// or valkey://."),
-    option("--s3-url", default=None, help="Shared S3 tier: s3://bucket/prefix."),
-    option("--s3-endpoint", default=None, help="S3 endpoint URL for S3-compatible stores."),
+    option(
+        "--high-watermark",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.95,
+        help="Evict once a tier passes this fill.",
+    ),
+    option(
+        "--low-watermark",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.85,
+        help="...down to this fill.",
+    ),
     option(
         "--auth-token-file",
         type=click.Path(dir_okay=False, path_type=Path),
@@ -63,6 +73,8 @@ NODE_OPTIONS = [
 
 
 def node_options(func: Callable) -> Callable:
+    """The node's own flags plus the shared-tier flags (--redis-url, --s3-url, policy, ...)."""
+    func = shared_tier_options(func)
     for decorator in reversed(NODE_OPTIONS):
         func = decorator(func)
     return func
@@ -76,6 +88,10 @@ def settings_from_options(params: dict) -> NodeSettings:
             token = load_token(params["auth_token_file"])
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--auth-token-file") from None
+    try:
+        shared = SharedTiersConfig.from_options(**params)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     disk_dir = params.get("disk_dir")
     if disk_dir is not None:
         check_writable_dir(disk_dir)
@@ -92,9 +108,9 @@ def settings_from_options(params: dict) -> NodeSettings:
         auth_token=token,
         node_id=params["node_id"],
         advertise_host=params["advertise_host"],
-        redis_url=params.get("redis_url"),
-        s3_url=params.get("s3_url"),
-        s3_endpoint=params.get("s3_endpoint"),
+        high_watermark=params["high_watermark"],
+        low_watermark=params["low_watermark"],
+        shared=shared,
     )
     try:
         settings.validate()

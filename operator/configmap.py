@@ -39,7 +39,7 @@ def data(s: PoolSettings) -> dict[str, str]:
     """The ConfigMap's data: one `KVPOOL_*` entry per setting, plus `pool.json` for humans and tools."""
     ep = endpoints(s)
     env: dict[str, str] = {
-        "KVPOOL_POOL": s.name,
+        "KVPOOL_POOL_NAME": s.name,
         "KVPOOL_URL": ep["grpc"],
         "KVPOOL_NODES": ",".join(ep["nodes"]),
         "KVPOOL_MEMORY": str(s.cache_bytes),
@@ -62,7 +62,7 @@ def data(s: PoolSettings) -> dict[str, str]:
         env["KVPOOL_DISK_SIZE"] = str(s.disk_budget)
     if s.redis_url:
         env["KVPOOL_REDIS_URL"] = s.redis_url
-        env["KVPOOL_REDIS_KEY_PREFIX"] = s.redis_key_prefix
+        env["KVPOOL_REDIS_PREFIX"] = s.redis_key_prefix
     if s.s3_url:
         env["KVPOOL_S3_URL"] = s.s3_url
     if s.s3_endpoint:

@@ -86,8 +86,7 @@ def test_full_spec_wires_tiers_secrets_disk_and_scheduling() -> None:
     assert data["KVPOOL_CHUNK_SIZE"] == "512" and data["KVPOOL_REPLICATION_FACTOR"] == "2"
     assert data["KVPOOL_DISK_SIZE"] == str(int(100 * 1024**3 * 0.95) - 64 * 1024**2)
     assert (
-        data["KVPOOL_S3_ENDPOINT"] == "http://minio:9000"
-        and data["KVPOOL_REDIS_KEY_PREFIX"] == "kvpool:ns:pool:"
+        data["KVPOOL_S3_ENDPOINT"] == "http://minio:9000" and data["KVPOOL_REDIS_PREFIX"] == "kvpool:ns:pool:"
     )
     assert objs["ServiceMonitor/pool"]["metadata"]["labels"]["release"] == "prom"
 

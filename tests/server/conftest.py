@@ -42,10 +42,28 @@ class NodeProcess:
 @contextlib.contextmanager
 def run_node(*args: str) -> Iterator[NodeProcess]:
     http_port = free_port()
-    cmd = [sys.executable, "-m", "kvpool.cli.main", "up", "--host", "127.0.0.1", "--port", "0",
-           "--http-port", str(http_port), "--data-port", "0", "--memory", "256MiB", "--log-level", "warning",
-           *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvpool.cli.main",
+        "up",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--http-port",
+        str(http_port),
+        "--data-port",
+        "0",
+        "--memory",
+        "256MiB",
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("grpc://"), f"kvpool up did not print its URL (exit {proc.poll()})"

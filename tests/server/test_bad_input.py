@@ -101,7 +101,9 @@ def test_data_channel_put_cut_off_stores_nothing(node):
 
 def test_grpc_put_stream_cut_off_stores_nothing(node):
     def frames():
-        yield pb.PutFrame(entries=[pb.PutEntry(key=b"grpc-cut", size=2 * 1024 * 1024)], data=b"x" * 1024 * 1024)
+        yield pb.PutFrame(
+            entries=[pb.PutEntry(key=b"grpc-cut", size=2 * 1024 * 1024)], data=b"x" * 1024 * 1024
+        )
         raise RuntimeError("client gave up mid-stream")
 
     channel, stub = _stub(node)
@@ -116,7 +118,9 @@ def test_grpc_put_with_fewer_or_more_bytes_than_announced(node):
     with channel:
         for data in (b"x" * 10, b"x" * 30):
             with pytest.raises(grpc.RpcError) as info:
-                stub.Put(iter([pb.PutFrame(entries=[pb.PutEntry(key=b"short", size=20)], data=data)]), timeout=5)
+                stub.Put(
+                    iter([pb.PutFrame(entries=[pb.PutEntry(key=b"short", size=20)], data=data)]), timeout=5
+                )
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "announced" in info.value.details()
     with node.client() as client:
@@ -126,7 +130,10 @@ def test_grpc_put_with_fewer_or_more_bytes_than_announced(node):
 def test_grpc_frame_over_4mib_is_refused(node):
     channel, stub = _stub(node)
     with channel, pytest.raises(grpc.RpcError) as info:
-        stub.Put(iter([pb.PutFrame(entries=[pb.PutEntry(key=b"huge", size=5 << 20)], data=bytes(5 << 20))]), timeout=5)
+        stub.Put(
+            iter([pb.PutFrame(entries=[pb.PutEntry(key=b"huge", size=5 << 20)], data=bytes(5 << 20))]),
+            timeout=5,
+        )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with node.client() as client:
         assert client.get(b"huge") is None
@@ -135,7 +142,9 @@ def test_grpc_frame_over_4mib_is_refused(node):
 @pytest.mark.parametrize("port_kind", ["grpc", "data", "http"])
 def test_garbage_bytes_on_every_port(node, port_kind):
     hello = node.hello()
-    port = {"grpc": int(node.url.rsplit(":", 1)[1]), "data": hello.data_port, "http": node.http_port}[port_kind]
+    port = {"grpc": int(node.url.rsplit(":", 1)[1]), "data": hello.data_port, "http": node.http_port}[
+        port_kind
+    ]
     for garbage in (os.urandom(64), os.urandom(300_000), b"\x00" * 9, b"GET / HTTP/1.1\r\n" * 3):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             try:
@@ -169,7 +178,10 @@ def test_data_channel_bad_hello_and_token(node):
         (dp.REQUEST_STRUCT.pack(dp.OP_GET, 0, 2, 4) + b"\x01a\x05b", "truncated"),
         (dp.REQUEST_STRUCT.pack(dp.OP_GET, 0, 1, 3) + b"\x00ab", "1..64 bytes"),
         (dp.REQUEST_STRUCT.pack(dp.OP_GET, 0, 1, 3) + b"\x01ab", "trailing"),
-        (dp.REQUEST_STRUCT.pack(dp.OP_PUT, 0, 1, 10) + struct.pack("<BQ", 1, 1 << 62) + b"k", "max-value-size"),
+        (
+            dp.REQUEST_STRUCT.pack(dp.OP_PUT, 0, 1, 10) + struct.pack("<BQ", 1, 1 << 62) + b"k",
+            "max-value-size",
+        ),
     ],
     ids=["op", "flags", "table-too-long", "truncated-table", "empty-key", "trailing", "absurd-size"],
 )

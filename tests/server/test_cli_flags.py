@@ -26,6 +26,9 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["--max-batch-keys", "0"], "--max-batch-keys"),
         (["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
         (["--no-such-flag"], "no-such-flag"),
+        (["--redis-url", "http://cache:6379"], "--redis-url"),
+        (["--s3-url", "bucket-without-scheme"], "s3"),
+        (["--low-watermark", "0.99"], "watermarks"),
     ],
 )
 @pytest.mark.parametrize("command", ["node", "up"])
