@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import node_cmd, operator_cmd, status_cmd
+from . import demo_cmd, node_cmd, operator_cmd, status_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -23,6 +23,7 @@ def bench() -> None:
 cli.add_command(node_cmd.node)
 cli.add_command(node_cmd.up)
 cli.add_command(status_cmd.status)
+cli.add_command(demo_cmd.demo)
 cli.add_command(operator_cmd.operator)
 
 
@@ -30,6 +31,9 @@ def _register_bench() -> None:
     from . import bench_node
 
     bench.add_command(bench_node.node)
+    from .bench_ttft import ttft
+
+    bench.add_command(ttft)
     bench.add_command(__import__("kvpool.cachenode.bench_tiers", fromlist=["tiers"]).tiers)
 
 
