@@ -8,7 +8,11 @@ Why it is shaped this way:
 - file names are the key in hex, sharded into 256 directories by a hash of the key, so the index
   is rebuilt from ``os.scandir`` and stat alone, without opening a file;
 - a failing disk (ENOSPC, EIO, ...) degrades the tier: writes are dropped, reads go on, and
-  writes are retried after a back-off.
+  writes are retried after a back-off;
+- an optional ``on_evict(key, value)`` hands evicted records to the store (write-back demotion to
+  the shared tiers). The file is opened before it is unlinked under the lock, read back and
+  verified after the lock is released, and closed before the write that caused the eviction
+  takes its space: the lock is never held for a read, and the bytes on disk stay in budget.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ RECORD_SUFFIX = ".rec"
 TEMP_SUFFIX = ".tmp"
 SHARDS = 256
 READ_PIECE = 1024 * 1024  # read and hash values in pieces that stay in the CPU cache
+
+EvictCallback = Callable[[bytes, memoryview], None]
 
 
 def shard_of(key: bytes) -> str:
@@ -83,11 +89,13 @@ class DiskTier:
         fsync: bool = True,
         verify: bool = True,
         name: str = "disk",
+        on_evict: EvictCallback | None = None,
     ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must not be negative, got {capacity}")
         validate_watermarks(high_watermark, low_watermark)
         self.directory = os.fspath(directory)
+        self._on_evict = on_evict  # called outside the lock with each evicted (verified) value
         self.capacity = capacity
         self.name = name
         self.retry_after = retry_after
@@ -164,6 +172,7 @@ class DiskTier:
                 doomed += self._evict_locked(self._low)
             self.peak_usage = self._usage
             self._publish()
+        self._hand_over(doomed)
         elapsed = time.perf_counter() - start
         self.last_rebuild_seconds = elapsed
         metrics.INDEX_REBUILD_SECONDS.set(elapsed)
@@ -306,6 +315,7 @@ class DiskTier:
             if not overfull:
                 self._writing[key] = token
             self._publish()
+        self._hand_over(doomed)  # before the temp file takes its space
         if overfull:
             self._m_dropped.inc()
             return False
@@ -401,22 +411,55 @@ class DiskTier:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _evict_locked(self, target: int) -> list[bytes]:
-        """Drop LRU records until usage <= target.
+    def _evict_locked(self, target: int) -> list[tuple[bytes, int | None]]:
+        """Drop LRU records until usage <= target; returns (key, fd) with fd open on the unlinked
+        file when there is an ``on_evict`` to hand it to (else None). Pass it to _hand_over.
 
-        Files are unlinked under the lock, so the bytes on disk never exceed what the index
-        counts, even for a moment between threads.
+        Files are unlinked under the lock, so the index never counts a file another thread could
+        still find. An evicted file held open for on_evict keeps its blocks until _hand_over
+        closes it, which the caller does before writing its own file: with the store's single
+        writer, the bytes on disk stay within the budget.
         """
-        doomed: list[bytes] = []
+        doomed: list[tuple[bytes, int | None]] = []
         while self._usage > target and self._index:
             key, size = self._index.popitem(last=False)
-            _unlink(self.path_of(key))
+            path = self.path_of(key)
+            fd = None
+            if self._on_evict is not None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    log.warning("Disk tier: evicted record %s could not be opened: %s", key.hex(), exc)
+            _unlink(path)
             self._usage -= size
-            doomed.append(key)
+            doomed.append((key, fd))
         if doomed:
             self.evictions += len(doomed)
             self._m_evictions.inc(len(doomed))
         return doomed
+
+    def _hand_over(self, doomed: list[tuple[bytes, int | None]]) -> None:
+        """Read back each evicted record (verified) for ``on_evict``; always closes the fds.
+
+        Called without the lock: a read never stalls other threads' puts and gets.
+        """
+        for key, fd in doomed:
+            if fd is None:
+                continue
+            try:
+                value = self._read_record(fd, key, os.fstat(fd).st_size)
+            except (RecordError, OSError) as exc:
+                log.warning("Disk tier: evicted record %s unreadable (%s); not handed over", key.hex(), exc)
+                self.corrupt += 1
+                self._m_corrupt.inc()
+                continue
+            finally:
+                os.close(fd)
+            try:
+                if self._on_evict is not None:
+                    self._on_evict(key, value)
+            except Exception:
+                log.exception("Disk tier on_evict failed for %s", key.hex())
 
     def _publish(self) -> None:
         self._m_usage.set(self._usage)

@@ -11,6 +11,19 @@ Ordering rules that keep the disk honest:
   write already in flight lands before the newer one (one writer, FIFO);
 - a delete removes the pending write and revokes the one in flight: the disk tier asks the store
   just before its rename whether the write is still wanted, so a late write never resurrects.
+
+Shared-tier policy (tiers.PolicyTier; tiers without it are plain write-through):
+- write-through: every put is queued for each shared tier at once (`submit_put`); evictions
+  only drop.
+- write-back: `submit_put` does nothing (the tier ignores it); a value goes to the shared tiers
+  (`demote`, which only enqueues) when it leaves the last local tier: an L2 eviction (the record
+  is read back from its file, see DiskTier.on_evict) or, without a disk tier, an L1 eviction or a
+  put too large for L1. With a disk tier an L1 eviction needs nothing while the value is on disk
+  or on its way there; a value whose disk write is dropped (queue full, disk degraded or too
+  small) and that is no longer in L1 is demoted right then, so a value leaves the node only
+  through a shared tier. Values still local at close() stay local: on disk they survive a
+  restart, in L1 alone (no disk tier) they are lost with the process.
+- `promote_on_read` False: a hit from that tier is served but not copied into L1/L2.
 """
 
 from __future__ import annotations
@@ -27,13 +40,24 @@ from .disk_tier import DiskTier
 from .errors import InvalidRequest
 from .memory_tier import MemoryTier, nbytes, readonly_view
 from .record import MAX_KEY_SIZE
-from .tiers import SharedTier
+from .tiers import PolicyTier, SharedTier
 
 log = logging.getLogger(__name__)
 
 MEMORY = "memory"
 DISK = "disk"
 DEFAULT_DISK_QUEUE_BYTES = 256 * 1024**2
+
+
+def wants_demotions(tier: SharedTier) -> bool:
+    """Whether the store must hand evictions to `tier`: a PolicyTier not known to write through.
+
+    A tier whose policy cannot be read gets demotions (its `demote` decides); a write-through
+    tier does not, so the store skips reading evicted disk records back for nothing.
+    """
+    if not isinstance(tier, PolicyTier):
+        return False
+    return getattr(getattr(tier, "policy", None), "write", None) != "through"
 
 
 def check_key(key) -> bytes:
@@ -73,13 +97,27 @@ class TieredStore:
         disk_queue_bytes: int = DEFAULT_DISK_QUEUE_BYTES,
         disk_retry_after: float = 30.0,
     ) -> None:
-        self.memory = MemoryTier(memory_bytes, high_watermark, low_watermark, name=MEMORY)
+        self.shared: tuple[SharedTier, ...] = tuple(shared_tiers)
+        self._demote_to: tuple[SharedTier, ...] = tuple(t for t in self.shared if wants_demotions(t))
+        demoting = bool(self._demote_to)
         self.disk: DiskTier | None = None
         if disk_dir is not None and disk_bytes > 0:
             self.disk = DiskTier(
-                disk_dir, disk_bytes, high_watermark, low_watermark, retry_after=disk_retry_after, name=DISK
+                disk_dir,
+                disk_bytes,
+                high_watermark,
+                low_watermark,
+                retry_after=disk_retry_after,
+                name=DISK,
+                on_evict=self._demote if demoting else None,
             )
-        self.shared: tuple[SharedTier, ...] = tuple(shared_tiers)
+        self.memory = MemoryTier(
+            memory_bytes,
+            high_watermark,
+            low_watermark,
+            name=MEMORY,
+            on_evict=self._on_memory_evict if demoting else None,
+        )
         self.disk_flush_interval = disk_flush_interval
         self.disk_queue_bytes = disk_queue_bytes
         self._ready = threading.Event()
@@ -94,6 +132,7 @@ class TieredStore:
         self._closed = False
         self._writer: threading.Thread | None = None
         self.dropped_writes = 0
+        self.demotions = 0  # values handed to write-back tiers (evicted from the last local tier)
         names = [MEMORY, DISK, *(t.name for t in self.shared)]
         self._hits = dict.fromkeys(names, 0)
         self._misses = dict.fromkeys(names, 0)
@@ -168,9 +207,11 @@ class TieredStore:
         queued = self._enqueue_disk(key, value)
         for tier in self.shared:
             try:
-                tier.submit_put(key, value)
+                tier.submit_put(key, value)  # a write-back tier ignores it
             except Exception:
                 log.exception("Shared tier %s refused a put", tier.name)
+        if not in_memory and not queued:
+            self._demote(key, value)  # no local tier takes it: it is evicted at once
         return in_memory or queued or bool(self.shared)
 
     def put_many(self, items: Mapping[bytes, object] | Iterable[tuple[bytes, object]]) -> int:
@@ -251,7 +292,8 @@ class TieredStore:
                     still.append(i)
                 else:
                     results[i] = readonly_view(value)
-                    self._promote(keys[i], value, deletes_before, to_disk=True)
+                    if getattr(tier, "promote_on_read", True):
+                        self._promote(keys[i], value, deletes_before, to_disk=True)
             # the shared tier exports its own hit/miss metrics; the store only keeps them for stats()
             self._count(tier.name, len(missing) - len(still), len(still), export=False)
             missing = still
@@ -295,15 +337,7 @@ class TieredStore:
                 "corrupt": self.disk.corrupt,
             }
         for tier in self.shared:
-            tiers[tier.name] = {
-                "capacity": None,
-                "used": None,
-                "entries": None,
-                "hits": self._hits[tier.name],
-                "misses": self._misses[tier.name],
-                "evictions": None,
-                "degraded": None,
-            }
+            tiers[tier.name] = self._shared_stats(tier)
         with self._cond:
             pending, pending_bytes = len(self._pending), self._pending_bytes
         return {
@@ -312,7 +346,27 @@ class TieredStore:
             "pending_writes": pending,
             "pending_write_bytes": pending_bytes,
             "dropped_writes": self.dropped_writes,
+            "demotions": self.demotions,
         }
+
+    def _shared_stats(self, tier: SharedTier) -> dict:
+        """The store's hit counts plus what the tier reports (breaker, queue depth, written,
+        dropped); degraded means its breaker is not closed."""
+        entry: dict = {"capacity": None, "used": None, "entries": None, "evictions": None, "degraded": None}
+        if isinstance(tier, PolicyTier):
+            entry["write"] = "back" if tier in self._demote_to else "through"
+            entry["promote"] = bool(tier.promote_on_read)
+        stats = getattr(tier, "stats", None)
+        if callable(stats):
+            try:
+                entry.update(stats())
+            except Exception:
+                log.exception("Shared tier %s failed to report stats", tier.name)
+        if "breaker" in entry:
+            entry["degraded"] = entry["breaker"] != "closed"
+        entry["hits"] = self._hits[tier.name]
+        entry["misses"] = self._misses[tier.name]
+        return entry
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -339,6 +393,28 @@ class TieredStore:
     def _held_locally_below(self, key: bytes) -> bool:
         return key in self._pending or key in self._inflight or (self.disk is not None and key in self.disk)
 
+    def _demote(self, key: bytes, value) -> None:
+        """Hand a value leaving the node to each write-back tier (each only enqueues)."""
+        if not self._demote_to:
+            return
+        self.demotions += 1
+        for tier in self._demote_to:
+            try:
+                tier.demote(key, value)  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("Shared tier %s refused a demotion", tier.name)
+
+    def _on_memory_evict(self, key: bytes, value) -> None:
+        """L1 evicted `key` (called outside its lock). Without a disk tier L1 is the last local
+        tier: demote. With one, demote only if the value is neither on disk nor on its way
+        there; the check runs under the store lock, against which the writer settles a
+        failed write (see _write_loop), so exactly one side sees the value as lost."""
+        if self.disk is not None:
+            with self._cond:
+                if self._held_locally_below(key):
+                    return
+        self._demote(key, value)
+
     def _count(self, tier: str, hits: int, misses: int, *, export: bool = True) -> None:
         self._hits[tier] += hits
         self._misses[tier] += misses
@@ -353,14 +429,17 @@ class TieredStore:
             return False
         size = nbytes(value)
         dropped = 0
+        lost: list[tuple[bytes, object]] = []  # dropped and no longer in L1: demote (write-back)
         with self._cond:
             old = self._pending.pop(key, None)
             if old is not None:
                 self._pending_bytes -= old.size
             while self._pending and self._pending_bytes + size > self.disk_queue_bytes:
-                _, oldest = self._pending.popitem(last=False)
+                old_key, oldest = self._pending.popitem(last=False)
                 self._pending_bytes -= oldest.size
                 dropped += 1
+                if self._demote_to and not self.memory.contains(old_key):
+                    lost.append((old_key, oldest.value))
             self._pending[key] = _Pending(next(self._seq), value, size)
             self._pending_bytes += size
             self.dropped_writes += dropped
@@ -369,6 +448,8 @@ class TieredStore:
         if dropped:
             self._m_dropped.inc(dropped)
             log.warning("Disk write queue full: dropped %d oldest pending writes", dropped)
+        for old_key, old_value in lost:
+            self._demote(old_key, old_value)
         return True
 
     def _write_loop(self) -> None:
@@ -385,15 +466,29 @@ class TieredStore:
                 self._inflight[key] = entry.seq
                 self._writer_busy = True
                 self._m_queue.set(len(self._pending))
+            written = False
             try:
-                self.disk.put(
+                written = self.disk.put(
                     key, entry.value, still_wanted=lambda k=key, s=entry.seq: self._inflight.get(k) == s
                 )
             except Exception:
                 log.exception("Disk write of %s failed", key.hex())
             finally:
                 with self._cond:
-                    if self._inflight.get(key) == entry.seq:
+                    current = self._inflight.get(key) == entry.seq  # False: a delete revoked it
+                    if current:
                         del self._inflight[key]
+                    # dropped by the disk, no newer write pending, gone from L1: the eviction
+                    # saw it in flight and left it to us (see _on_memory_evict)
+                    lost = (
+                        bool(self._demote_to)
+                        and current
+                        and not written
+                        and key not in self._pending
+                        and not self.memory.contains(key)
+                    )
+                if lost:
+                    self._demote(key, entry.value)
+                with self._cond:
                     self._writer_busy = False
                     self._cond.notify_all()
