@@ -1,0 +1,85 @@
+"""The pool wrapper: every failure is a miss, a dead pool costs nothing after the breaker opens."""
+
+from __future__ import annotations
+
+import time
+
+from kvpool.connector import metrics
+from kvpool.connector.backend import RendezvousPool, SafePool, open_pool
+from kvpool.connector.settings import load_settings
+
+
+class _Boom:
+    name = "boom"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _fail(self, *a):
+        self.calls += 1
+        raise ConnectionError("down")
+
+    prefix_hits = get_many = put_many = delete = _fail
+
+    def close(self) -> None:
+        pass
+
+
+def test_failures_are_misses_and_counted():
+    before = metrics.STATS.totals["errors"]
+    pool = SafePool(_Boom(), sync_writes=True)
+    assert pool.prefix_hits([b"k" * 32]) == 0
+    assert pool.get_many([b"k" * 32, b"j" * 32]) == [None, None]
+    assert pool.put_many([(b"k" * 32, b"v")]) is False
+    assert metrics.STATS.totals["errors"] - before == 3
+
+
+def test_breaker_skips_a_failing_pool():
+    boom = _Boom()
+    pool = SafePool(boom, breaker_failures=2, breaker_s=60)
+    for _ in range(5):
+        pool.prefix_hits([b"k" * 32])
+    assert boom.calls == 2  # the rest never reached the pool
+
+
+def test_remote_pool_that_is_down_answers_fast():
+    pool = open_pool("grpc://127.0.0.1:9", memory_bytes=0, disk_dir=None, disk_bytes=0, timeout_s=0.2)
+    t0 = time.perf_counter()
+    assert pool.prefix_hits([b"k" * 32]) == 0
+    assert pool.get_many([b"k" * 32]) == [None]
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_scheduler_without_the_workers_pool_is_a_miss(tmp_path):
+    pool = SafePool(RendezvousPool(str(tmp_path / "missing.url"), 0.2))
+    assert pool.prefix_hits([b"k" * 32]) == 0
+
+
+def test_embedded_pool_round_trip_and_lookup_over_loopback():
+    owner = open_pool(None, memory_bytes=1 << 20, disk_dir=None, disk_bytes=0, timeout_s=1, engine_id="t-rt")
+    assert owner.put_many([(b"a" * 32, b"x"), (b"b" * 32, b"y")])
+    assert bytes(owner.get_many([b"a" * 32])[0]) == b"x"
+    from kvpool.connector.backend import rendezvous_path
+
+    sched = SafePool(RendezvousPool(rendezvous_path("t-rt"), 1))
+    assert sched.prefix_hits([b"a" * 32, b"b" * 32, b"c" * 32]) == 2
+    sched.close()
+
+
+def test_settings_extra_config_beats_env_and_sizes_parse():
+    s = load_settings(
+        {"chunk_size": 128, "memory": "1GiB"}, env={"KVPOOL_CHUNK_SIZE": "64", "KVPOOL_URL": "grpc://x:1"}
+    )
+    assert s.chunk_size == 128 and s.memory == 1 << 30 and s.url == "grpc://x:1"
+    assert load_settings({"disk_dir": "/tmp/x"}, env={}).disk_size == 8 << 30
+    assert load_settings({"save": "false"}, env={}).save is False
+
+
+def test_stats_take_and_merge():
+    st = metrics.ConnectorStats()
+    st.add("hit_tokens", 256)
+    st.observe("load_seconds", 0.01)
+    a = st.take()
+    assert st.take() is None
+    merged = metrics.merge(a, a)
+    assert merged["counts"]["hit_tokens"] == 512 and len(merged["latencies"]["load_seconds"]) == 2
