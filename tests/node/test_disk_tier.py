@@ -10,9 +10,10 @@ import threading
 import uuid
 
 import pytest
+from prometheus_client import REGISTRY
+
 from kvpool.cachenode import record
 from kvpool.cachenode.disk_tier import DiskTier, record_size
-from prometheus_client import REGISTRY
 
 
 def _name() -> str:

@@ -8,8 +8,9 @@ import uuid
 
 import numpy as np
 import pytest
-from kvpool.cachenode.memory_tier import MemoryTier
 from prometheus_client import REGISTRY
+
+from kvpool.cachenode.memory_tier import MemoryTier
 
 
 def _name() -> str:

@@ -9,10 +9,11 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from prometheus_client import REGISTRY
+
 from kvpool.cachenode.disk_tier import DiskTier
 from kvpool.cachenode.errors import InvalidRequest
 from kvpool.cachenode.store import TieredStore
-from prometheus_client import REGISTRY
 
 
 def _metric(metric: str, tier: str) -> float:
