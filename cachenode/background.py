@@ -108,6 +108,24 @@ class WriteBehindQueue:
             self._publish_depth()
             self._cond.notify()
 
+    def discard(self, keys: Sequence[bytes]) -> int:
+        """Forget pending writes of deleted keys, so a late write cannot bring them back.
+
+        A batch already being written can still land after the delete; the store's delete also
+        deletes from the tier itself, which covers writes that landed before it.
+        """
+        removed = 0
+        with self._cond:
+            for key in keys:
+                item = self._pending.pop(key, None)
+                if item is not None:
+                    self._bytes -= item.size
+                    removed += 1
+            if removed:
+                self._publish_depth()
+                self._cond.notify_all()
+        return removed
+
     def depth(self) -> int:
         with self._cond:
             return len(self._pending)
@@ -309,6 +327,7 @@ class BackgroundTier:
             self.queue.submit(key, value)
 
     def delete(self, keys: Sequence[bytes]) -> None:
+        self.queue.discard(keys)
         if not keys or not self.breaker.allow():
             return
         try:

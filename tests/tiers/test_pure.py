@@ -241,6 +241,25 @@ def test_queue_drops_oldest_when_full_and_keeps_latest_per_key():
     q.close()
 
 
+def test_queue_discard_forgets_pending_writes_of_deleted_keys():
+    gate_open = threading.Event()
+    written: list[bytes] = []
+    q = WriteBehindQueue(
+        "unit-discard",
+        lambda batch: written.extend(k for k, _ in batch),
+        gate=lambda: 0.0 if gate_open.is_set() else 0.05,
+        workers=1,
+    )
+    for key in (b"a", b"b", b"c"):
+        q.submit(key, b"value")
+    assert q.discard([b"b", b"never-queued"]) == 1
+    assert q.depth() == 2
+    gate_open.set()
+    assert q.flush(5)
+    assert written == [b"a", b"c"]
+    q.close()
+
+
 def test_queue_byte_bound_and_retry_then_drop():
     attempts: list[int] = []
 
