@@ -7,8 +7,8 @@ fallback when the data channel is off or unreachable.
 
 from __future__ import annotations
 
+import collections
 import json
-import queue
 import socket
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -102,7 +102,8 @@ class Client:
         self._stub = pb_grpc.CacheNodeStub(self._channel)
         self._hello: pb.HelloResponse | None = None
         self._hello_lock = threading.Lock()
-        self._idle: queue.LifoQueue[_DataConnection] = queue.LifoQueue(maxsize=max(1, data_connections))
+        self._idle: collections.deque[_DataConnection] = collections.deque()  # append/pop are atomic
+        self._max_idle = max(1, data_connections)
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -116,8 +117,8 @@ class Client:
         self._closed = True
         while True:
             try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
+                self._idle.pop().close()
+            except IndexError:
                 break
         self._channel.close()
 
@@ -260,8 +261,8 @@ class Client:
         if self._closed:
             raise Unavailable("client is closed")
         try:
-            return self._idle.get_nowait(), True
-        except queue.Empty:
+            return self._idle.pop(), True
+        except IndexError:
             pass
         hello = self.hello()
         host = hello.data_host or self._host
@@ -273,17 +274,16 @@ class Client:
             raise Unavailable(f"cannot reach data channel {host}:{hello.data_port}: {exc}") from None
 
     def _release(self, conn: _DataConnection) -> None:
-        try:
-            self._idle.put_nowait(conn)
-        except queue.Full:
+        if len(self._idle) < self._max_idle and not self._closed:
+            self._idle.append(conn)
+        else:
             conn.close()
 
     @staticmethod
     def _put_data(conn: _DataConnection, items: list[tuple[bytes, Value]]) -> None:
         views = [memoryview(v).cast("B") for _, v in items]
-        conn.sock.sendall(dp.encode_put([(k, len(v)) for (k, _), v in zip(items, views, strict=True)]))
-        for view in views:
-            conn.sock.sendall(view)
+        header = dp.encode_put([(k, len(v)) for (k, _), v in zip(items, views, strict=True)])
+        dp.send_buffers(conn.sock, [header, *views])
         conn.read_status()
 
     @staticmethod

@@ -40,6 +40,25 @@ class FrameError(ValueError):
     """Bytes on the data channel do not follow the protocol."""
 
 
+IOV_MAX = 1024
+
+
+def send_buffers(sock, buffers) -> None:
+    """Send several buffers with as few syscalls (and packets) as possible: one sendmsg for a
+    header and its values instead of a sendall each, which costs a loopback round trip's worth."""
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while sent:
+            first = len(views[0])
+            if sent >= first:
+                sent -= first
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
 def encode_hello(token: bytes) -> bytes:
     if len(token) > MAX_TOKEN_LEN:
         raise FrameError("token too long")
