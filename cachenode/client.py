@@ -18,6 +18,7 @@ import grpc
 
 from . import dataproto as dp
 from .errors import InvalidRequest, KVPoolError, Unauthenticated, Unavailable
+from .grpcframes import split_into_frames
 from .proto import kvpool_pb2 as pb
 from .proto import kvpool_pb2_grpc as pb_grpc
 from .settings import MAX_FRAME_SIZE
@@ -194,20 +195,8 @@ class Client:
     def _put_grpc(self, items: list[tuple[bytes, Value]]) -> None:
         def frames():
             entries = [pb.PutEntry(key=k, size=memoryview(v).nbytes) for k, v in items]
-            pending = bytearray()
-            first = True
-            for _, value in items:
-                view = memoryview(value).cast("B")
-                while view:
-                    take = min(len(view), MAX_FRAME_SIZE - len(pending))
-                    pending += view[:take]
-                    view = view[take:]
-                    if len(pending) == MAX_FRAME_SIZE:
-                        yield pb.PutFrame(entries=entries if first else (), data=bytes(pending))
-                        first = False
-                        pending.clear()
-            if pending or first:
-                yield pb.PutFrame(entries=entries if first else (), data=bytes(pending))
+            for i, data in enumerate(split_into_frames((v for _, v in items), MAX_FRAME_SIZE)):
+                yield pb.PutFrame(entries=entries if i == 0 else (), data=data)
 
         self._call(self._stub.Put, frames())
 

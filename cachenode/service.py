@@ -12,6 +12,7 @@ import grpc
 
 from . import metrics
 from .errors import InvalidRequest
+from .grpcframes import split_into_frames
 from .proto import kvpool_pb2 as pb
 from .proto import kvpool_pb2_grpc as pb_grpc
 from .settings import MAX_FRAME_SIZE
@@ -127,25 +128,11 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
         metrics.REQUESTS.labels("get", "grpc").inc()
         metrics.REQUESTED_KEYS.inc(len(keys))
         metrics.HIT_KEYS.inc(sum(1 for s in sizes if s >= 0))
-        pending = bytearray()
-        first = True
         sent = 0
-        for value in values:
-            if value is None:
-                continue
-            view = memoryview(value).cast("B")
-            while view:
-                take = min(len(view), MAX_FRAME_SIZE - len(pending))
-                pending += view[:take]
-                view = view[take:]
-                if len(pending) == MAX_FRAME_SIZE:
-                    yield pb.GetFrame(sizes=sizes if first else (), data=bytes(pending))
-                    sent += len(pending)
-                    first = False
-                    pending.clear()
-        if pending or first:
-            yield pb.GetFrame(sizes=sizes if first else (), data=bytes(pending))
-            sent += len(pending)
+        found = (v for v in values if v is not None)
+        for i, data in enumerate(split_into_frames(found, MAX_FRAME_SIZE)):
+            yield pb.GetFrame(sizes=sizes if i == 0 else (), data=data)
+            sent += len(data)
         metrics.BYTES_OUT.labels("grpc").inc(sent)
         metrics.LATENCY.labels("get").observe(time.perf_counter() - started)
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cli.local_servers import free_port
+from kvpool.cli.local_servers import free_port, kvpool_up
 
 
 @dataclass
@@ -41,41 +39,10 @@ class NodeProcess:
 
 @contextlib.contextmanager
 def run_node(*args: str) -> Iterator[NodeProcess]:
+    """A `kvpool up` process with 256 MiB of memory and a known HTTP port."""
     http_port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvpool.cli.main",
-        "up",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--http-port",
-        str(http_port),
-        "--data-port",
-        "0",
-        "--memory",
-        "256MiB",
-        "--log-level",
-        "warning",
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    try:
-        url = proc.stdout.readline().strip()
-        assert url.startswith("grpc://"), f"kvpool up did not print its URL (exit {proc.poll()})"
+    with kvpool_up("--http-port", str(http_port), "--memory", "256MiB", *args) as (proc, url):
         yield NodeProcess(proc, url, http_port)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
