@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlparse
@@ -22,6 +24,7 @@ from .grpcframes import split_into_frames
 from .proto import kvpool_pb2 as pb
 from .proto import kvpool_pb2_grpc as pb_grpc
 from .settings import MAX_FRAME_SIZE
+from .tls import client_context, read_ca
 from .validation import check_key, check_value_size
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -33,19 +36,22 @@ GRPC_MESSAGE_LIMIT = MAX_FRAME_SIZE + 64 * 1024
 Value = bytes | bytearray | memoryview
 
 
-def parse_url(url: str) -> tuple[str, int]:
-    """Accept grpc://host:port (or host:port); raise InvalidRequest with the expected form."""
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """Accept grpc://host:port, grpcs://host:port (TLS) or host:port; returns (host, port, tls)."""
     text = url if "://" in url else f"grpc://{url}"
     parsed = urlparse(text)
-    if parsed.scheme != "grpc" or not parsed.hostname or parsed.port is None:
-        raise InvalidRequest(f"pool URL must look like grpc://host:port, got {url!r}")
-    return parsed.hostname, parsed.port
+    if parsed.scheme not in ("grpc", "grpcs") or not parsed.hostname or parsed.port is None:
+        raise InvalidRequest(f"pool URL must look like grpc://host:port or grpcs://host:port, got {url!r}")
+    return parsed.hostname, parsed.port, parsed.scheme == "grpcs"
 
 
 class _DataConnection:
-    def __init__(self, host: str, port: int, token: bytes, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(
+        self, host: str, port: int, token: bytes, timeout: float, tls: ssl.SSLContext | None = None
+    ) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
         self.rfile = self.sock.makefile("rb", buffering=READ_BUFFER)
         self.sock.sendall(dp.encode_hello(token))
         self.read_status()
@@ -87,19 +93,31 @@ class Client:
         token: str | None = None,
         use_data_channel: bool = True,
         data_connections: int = DATA_CONNECTIONS,
+        tls_ca_file: str | None = None,
     ) -> None:
+        """`tls_ca_file` (default env KVPOOL_TLS_CA_FILE, else the system roots) for grpcs:// pools."""
         self.url = url
-        self._host, self._port = parse_url(url)
+        self._host, self._port, tls = parse_url(url)
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._use_data_channel = use_data_channel
-        self._channel = grpc.insecure_channel(
-            f"{self._host}:{self._port}",
-            options=[
-                ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
-                ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+            ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+        ]
+        target = f"{self._host}:{self._port}"
+        self._tls: ssl.SSLContext | None = None
+        if tls:
+            ca_file = tls_ca_file or os.environ.get("KVPOOL_TLS_CA_FILE") or None
+            try:
+                root = read_ca(ca_file)
+                self._tls = client_context(ca_file)
+            except (ValueError, OSError, ssl.SSLError) as exc:
+                raise InvalidRequest(str(exc)) from None
+            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.CacheNodeStub(self._channel)
         self._hello: pb.HelloResponse | None = None
         self._hello_lock = threading.Lock()
@@ -256,7 +274,7 @@ class Client:
         hello = self.hello()
         host = hello.data_host or self._host
         try:
-            return _DataConnection(host, hello.data_port, hello.data_token, self._timeout), False
+            return _DataConnection(host, hello.data_port, hello.data_token, self._timeout, self._tls), False
         except KVPoolError:
             raise
         except OSError as exc:

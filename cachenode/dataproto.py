@@ -11,6 +11,7 @@ Response:    STATUS_STRUCT(status, count) then for GET count x i64 sizes (-1 = m
 
 from __future__ import annotations
 
+import ssl
 import struct
 from collections.abc import Sequence
 
@@ -47,6 +48,10 @@ def send_buffers(sock, buffers) -> None:
     """Send several buffers with as few syscalls (and packets) as possible: one sendmsg for a
     header and its values instead of a sendall each, which costs a loopback round trip's worth."""
     views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+    if isinstance(sock, ssl.SSLSocket):  # TLS sockets have no sendmsg
+        for view in views:
+            sock.sendall(view)
+        return
     while views:
         sent = sock.sendmsg(views[:IOV_MAX])
         while sent:

@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -61,7 +62,9 @@ class DataServer:
         max_value_size: int,
         max_batch_keys: int,
         max_request_bytes: int,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self._tls = tls
         self._store = store
         self._token = token
         self._max_value_size = max_value_size
@@ -109,8 +112,20 @@ class DataServer:
                 target=self._serve, args=(conn, peer), name="kvpool-data-conn", daemon=True
             ).start()
 
-    def _serve(self, conn: socket.socket, peer) -> None:
-        tune_socket(conn)
+    def _serve(self, raw: socket.socket, peer) -> None:
+        tune_socket(raw)
+        conn = raw
+        if self._tls is not None:
+            try:
+                raw.settimeout(TRANSFER_TIMEOUT_S)
+                conn = self._tls.wrap_socket(raw, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                metrics.ERRORS.labels("data_tls").inc()
+                log.warning("data channel: TLS handshake with %s failed: %s", peer[0], exc)
+                with self._lock:
+                    self._connections.discard(raw)
+                raw.close()
+                return
         rfile = conn.makefile("rb", buffering=READ_BUFFER)
         try:
             conn.settimeout(TRANSFER_TIMEOUT_S)
@@ -144,7 +159,7 @@ class DataServer:
             self._reply_error(conn, dp.STATUS_INTERNAL, "internal error")
         finally:
             with self._lock:
-                self._connections.discard(conn)
+                self._connections.discard(raw)
             rfile.close()
             conn.close()
 

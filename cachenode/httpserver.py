@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,9 +18,18 @@ log = logging.getLogger("kvpool.node.http")
 class HealthServer:
     """A small threaded HTTP server; `ready` is asked on every /readyz."""
 
-    def __init__(self, host: str, port: int, ready: Callable[[], bool], token: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         handler = _make_handler(ready, token)
-        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server = (
+            _TLSHTTPServer((host, port), handler, tls) if tls else ThreadingHTTPServer((host, port), handler)
+        )
         self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="kvpool-http", daemon=True)
@@ -30,6 +40,18 @@ class HealthServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _TLSHTTPServer(ThreadingHTTPServer):
+    """HTTPS; the handshake runs in the request's thread, so a slow client cannot stall accept()."""
+
+    def __init__(self, address, handler, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__(address, handler)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        return self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
 
 def _make_handler(ready: Callable[[], bool], token: str | None) -> type[BaseHTTPRequestHandler]:

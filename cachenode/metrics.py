@@ -7,7 +7,23 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 
 REQUESTS = Counter("kvpool_node_requests_total", "Requests served by the node", ["op", "transport"])
 REQUESTED_KEYS = Counter("kvpool_node_requested_keys_total", "Keys asked for by get/get_many/prefix_hits")
@@ -47,7 +63,9 @@ TIER_BYTES_READ = Counter("kvpool_tier_read_bytes_total", "Record bytes read fro
 TIER_BYTES_WRITTEN = Counter("kvpool_tier_written_bytes_total", "Record bytes written to a tier", ["tier"])
 TIER_ERRORS = Counter("kvpool_tier_errors_total", "Failed calls to a tier by kind", ["tier", "kind"])
 TIER_SKIPPED = Counter(
-    "kvpool_tier_skipped_total", "Calls not sent to a tier because its circuit breaker was open", ["tier", "op"]
+    "kvpool_tier_skipped_total",
+    "Calls not sent to a tier because its circuit breaker was open",
+    ["tier", "op"],
 )
 TIER_BREAKER_STATE = Gauge(
     "kvpool_tier_breaker_state", "Circuit breaker of a tier: 0 closed, 1 half-open, 2 open", ["tier"]

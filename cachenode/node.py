@@ -89,7 +89,12 @@ class CacheNode:
             ),
             self._grpc,
         )
-        self.port = self._grpc.add_insecure_port(f"{_grpc_host(settings.host)}:{settings.port}")
+        address = f"{_grpc_host(settings.host)}:{settings.port}"
+        if settings.tls is not None:
+            credentials = grpc.ssl_server_credentials([(settings.tls.key_pem, settings.tls.cert_pem)])
+            self.port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {settings.port} on {settings.host}")
         self._data = DataServer(
@@ -100,15 +105,23 @@ class CacheNode:
             max_value_size=settings.max_value_size,
             max_batch_keys=settings.max_batch_keys,
             max_request_bytes=self.max_request_bytes,
+            tls=settings.tls.context if settings.tls else None,
         )
         self.data_port = self._data.port
-        self._http = HealthServer(settings.host, settings.http_port, self._ready.is_set, token)
+        self._http = HealthServer(
+            settings.host,
+            settings.http_port,
+            self._ready.is_set,
+            token,
+            tls=settings.tls.context if settings.tls else None,
+        )
         self.http_port = self._http.port
 
     @property
     def url(self) -> str:
         host = self.settings.advertise_host or _display_host(self.settings.host)
-        return f"grpc://{host}:{self.port}"
+        scheme = "grpcs" if self.settings.tls else "grpc"
+        return f"{scheme}://{host}:{self.port}"
 
     def start(self, wait_ready: bool = True) -> None:
         """Serve health at once; serve data once the disk index is rebuilt."""
@@ -146,6 +159,7 @@ class CacheNode:
                 else ""
             )
             + (", auth on" if self.settings.auth_token else "")
+            + (", TLS on" if self.settings.tls else "")
         )
 
     def stats(self) -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .shared_config import SharedTiersConfig
 from .sizes import parse_size
+from .tls import ServerTLS
 
 DEFAULT_GRPC_PORT = 7400
 DEFAULT_HTTP_PORT = 7401
@@ -31,6 +32,7 @@ class NodeSettings:
     max_value_size: int = field(default_factory=lambda: parse_size(DEFAULT_MAX_VALUE_SIZE))
     max_batch_keys: int = DEFAULT_MAX_BATCH_KEYS
     auth_token: str | None = None
+    tls: ServerTLS | None = None
     node_id: str = ""
     advertise_host: str = ""
     high_watermark: float = 0.95

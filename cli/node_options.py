@@ -20,6 +20,7 @@ from kvpool.cachenode.settings import (
     NodeSettings,
 )
 from kvpool.cachenode.shared_config import SharedTiersConfig, shared_tier_options
+from kvpool.cachenode.tls import load_server_tls
 
 from .options import PORT, SIZE, option
 
@@ -67,6 +68,18 @@ NODE_OPTIONS = [
         default=None,
         help="Require this bearer token.",
     ),
+    option(
+        "--tls-cert-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Serve TLS on every port with this certificate chain (PEM).",
+    ),
+    option(
+        "--tls-key-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="The private key of --tls-cert-file (PEM).",
+    ),
     option("--node-id", default="", help="Stable node identity (default: hostname + random suffix)."),
     option("--advertise-host", default="", help="Host clients should use for the data channel."),
 ]
@@ -88,6 +101,15 @@ def settings_from_options(params: dict) -> NodeSettings:
             token = load_token(params["auth_token_file"])
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--auth-token-file") from None
+    tls = None
+    cert, key = params.get("tls_cert_file"), params.get("tls_key_file")
+    if bool(cert) != bool(key):
+        raise click.UsageError("--tls-cert-file and --tls-key-file go together")
+    if cert:
+        try:
+            tls = load_server_tls(cert, key)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--tls-cert-file") from None
     try:
         shared = SharedTiersConfig.from_options(**params)
     except ValueError as exc:
@@ -106,6 +128,7 @@ def settings_from_options(params: dict) -> NodeSettings:
         max_value_size=params["max_value_size"],
         max_batch_keys=params["max_batch_keys"],
         auth_token=token,
+        tls=tls,
         node_id=params["node_id"],
         advertise_host=params["advertise_host"],
         high_watermark=params["high_watermark"],

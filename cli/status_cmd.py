@@ -18,12 +18,13 @@ from .options import option
 @click.command("status")
 @option("--url", default="grpc://127.0.0.1:7400", help="The pool's grpc:// URL.")
 @option("--auth-token-file", type=click.Path(dir_okay=False), default=None, help="Bearer token file.")
+@option("--tls-ca-file", type=click.Path(dir_okay=False), default=None, help="CA of a grpcs:// pool.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw stats as JSON.")
-def status(url: str, auth_token_file: str | None, as_json: bool) -> None:
+def status(url: str, auth_token_file: str | None, tls_ca_file: str | None, as_json: bool) -> None:
     """Show a pool's tiers: capacity, usage, entries, hits and misses."""
     token = Path(auth_token_file).read_text().strip() if auth_token_file else None
     try:
-        with Client(url, token=token, timeout=5) as client:
+        with Client(url, token=token, timeout=5, tls_ca_file=tls_ca_file) as client:
             stats = client.stats()
     except KVPoolError as exc:
         raise click.ClickException(f"{url}: {exc}") from None
