@@ -26,7 +26,7 @@ MiB = 1024**2
 
 
 def tune_malloc_for_large_buffers(
-    mmap_threshold: int = GiB, trim_threshold: int = GiB, top_pad: int = 64 * MiB
+    mmap_threshold: int = GiB, trim_threshold: int = 128 * MiB, top_pad: int = 64 * MiB
 ) -> bool:
     """Keep large blocks in the heap and reuse them; False where glibc's mallopt is missing."""
     name = ctypes.util.find_library("c")
