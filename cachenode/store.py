@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MEMORY = "memory"
 DISK = "disk"
+DROP_WARNING_INTERVAL_S = 10.0
 DEFAULT_DISK_QUEUE_BYTES = 256 * 1024**2
 
 
@@ -132,6 +133,8 @@ class TieredStore:
         self._closed = False
         self._writer: threading.Thread | None = None
         self.dropped_writes = 0
+        self._drop_warned_at = 0.0
+        self._drops_unreported = 0
         self.demotions = 0  # values handed to write-back tiers (evicted from the last local tier)
         names = [MEMORY, DISK, *(t.name for t in self.shared)]
         self._hits = dict.fromkeys(names, 0)
@@ -423,6 +426,21 @@ class TieredStore:
         if export and misses:
             metrics.TIER_MISSES.labels(tier).inc(misses)
 
+    def _warn_dropped(self, dropped: int) -> None:
+        """One warning per DROP_WARNING_INTERVAL_S, with the count, not one per put under overload."""
+        with self._cond:
+            self._drops_unreported += dropped
+            now = time.monotonic()
+            if now - self._drop_warned_at < DROP_WARNING_INTERVAL_S:
+                return
+            count, self._drops_unreported = self._drops_unreported, 0
+            self._drop_warned_at = now
+        log.warning(
+            "Disk write queue full: dropped %d pending writes (puts arrive faster than the disk takes them; "
+            "see kvpool_tier_dropped_writes_total)",
+            count,
+        )
+
     def _enqueue_disk(self, key: bytes, value) -> bool:
         """Queue a background disk write; the queue is bounded in bytes, oldest dropped first."""
         if self.disk is None:
@@ -447,7 +465,7 @@ class TieredStore:
             self._cond.notify_all()
         if dropped:
             self._m_dropped.inc(dropped)
-            log.warning("Disk write queue full: dropped %d oldest pending writes", dropped)
+            self._warn_dropped(dropped)
         for old_key, old_value in lost:
             self._demote(old_key, old_value)
         return True
