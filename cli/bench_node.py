@@ -60,8 +60,13 @@ def _measure(client, raw, vclient, value: bytes, count: int) -> dict[str, float]
 @click.command("node")
 @option("--runs", type=click.IntRange(1, 100), default=5, help="Repetitions; medians are reported.")
 @option("--total", default=256, type=click.IntRange(32, 4096), help="MiB moved per size per run.")
+@option(
+    "--malloc-tuning/--no-malloc-tuning",
+    default=True,
+    help="Tune this process's malloc for large buffers (helps the kvpool client and valkey-py alike).",
+)
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of figures.")
-def node(runs: int, total: int, as_json: bool) -> None:
+def node(runs: int, total: int, malloc_tuning: bool, as_json: bool) -> None:
     """Node put/get GB/s vs a plain TCP socket and vs Valkey GET/SET of the same values."""
     import valkey
 
@@ -71,7 +76,8 @@ def node(runs: int, total: int, as_json: bool) -> None:
     from .bench_tcp import TcpBaselineClient
     from .local_servers import kvpool_up, valkey_server
 
-    tune_malloc_for_large_buffers()  # the client's get allocates each value (docs/benchmarks.md)
+    if malloc_tuning:
+        tune_malloc_for_large_buffers()  # every client here allocates each value it gets (docs/benchmarks.md)
     payloads = {name: os.urandom(size) for name, size in SIZES.items()}
     tcp = subprocess.Popen(
         [sys.executable, "-P", "-m", "kvpool.cli.bench_tcp", str(max(SIZES.values()))],
@@ -105,7 +111,7 @@ def node(runs: int, total: int, as_json: bool) -> None:
     finally:
         tcp.terminate()
         tcp.wait()
-    result: dict = {"runs": runs, "mib_per_run": total}
+    result: dict = {"runs": runs, "mib_per_run": total, "malloc_tuning": malloc_tuning}
     for key, values in sorted(samples.items()):
         result[key] = round(statistics.median(values), 3)
         result[f"spread_{key}"] = _spread(values)
