@@ -101,6 +101,24 @@ def valkey_server(binary: str | None = None) -> Iterator[LocalServer]:
 
 
 @contextlib.contextmanager
+def moto_server() -> Iterator[LocalServer]:
+    """moto's S3 server in its own process (its in-process thread would share our GIL)."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="kvpool-moto-")
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = LocalServer(proc, port, workdir)
+    try:
+        wait_port(port, proc=proc)
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def kvpool_up(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
     """Run `kvpool up` on free ports in a subprocess; yields (process, grpc URL)."""
     cmd = [

