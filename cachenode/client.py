@@ -161,12 +161,11 @@ class Client:
         return self.get_many([key]).get(key)
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
-        keys = [bytes(k) for k in keys]
-        for key in keys:
-            check_key(key)
+        keys = [check_key(k) for k in keys]
+        batch = self.hello().max_batch_keys
         found: dict[bytes, bytes] = {}
-        for start in range(0, len(keys), self.hello().max_batch_keys):
-            chunk = keys[start : start + self.hello().max_batch_keys]
+        for start in range(0, len(keys), batch):
+            chunk = keys[start : start + batch]
             if self._data_channel_on():
                 found.update(self._with_data_connection(lambda conn, c=chunk: self._get_data(conn, c)))
             else:

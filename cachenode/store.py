@@ -37,10 +37,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from . import metrics
 from .disk_tier import DiskTier
-from .errors import InvalidRequest
 from .memory_tier import MemoryTier, nbytes, readonly_view
-from .record import MAX_KEY_SIZE
 from .tiers import PolicyTier, SharedTier
+from .validation import check_key
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +58,6 @@ def wants_demotions(tier: SharedTier) -> bool:
     if not isinstance(tier, PolicyTier):
         return False
     return getattr(getattr(tier, "policy", None), "write", None) != "through"
-
-
-def check_key(key) -> bytes:
-    """Keys are 1..64 bytes; anything else is the caller's error."""
-    if not isinstance(key, bytes | bytearray | memoryview):
-        raise InvalidRequest(f"key must be bytes, got {type(key).__name__}")
-    key = bytes(key)
-    if not 0 < len(key) <= MAX_KEY_SIZE:
-        raise InvalidRequest(f"key must be 1..{MAX_KEY_SIZE} bytes, got {len(key)}")
-    return key
 
 
 class _Pending:
@@ -316,26 +305,21 @@ class TieredStore:
             count += 1
         return count
 
-    def stats(self) -> dict:
-        tiers: dict[str, dict] = {
-            MEMORY: {
-                "capacity": self.memory.capacity,
-                "used": self.memory.usage,
-                "entries": len(self.memory),
-                "hits": self._hits[MEMORY],
-                "misses": self._misses[MEMORY],
-                "evictions": self.memory.evictions,
-                "degraded": False,
-            }
+    def _local_stats(self, name: str, tier: MemoryTier | DiskTier) -> dict:
+        return {
+            "capacity": tier.capacity,
+            "used": tier.usage,
+            "entries": len(tier),
+            "hits": self._hits[name],
+            "misses": self._misses[name],
+            "evictions": tier.evictions,
         }
+
+    def stats(self) -> dict:
+        tiers: dict[str, dict] = {MEMORY: {**self._local_stats(MEMORY, self.memory), "degraded": False}}
         if self.disk is not None:
             tiers[DISK] = {
-                "capacity": self.disk.capacity,
-                "used": self.disk.usage,
-                "entries": len(self.disk),
-                "hits": self._hits[DISK],
-                "misses": self._misses[DISK],
-                "evictions": self.disk.evictions,
+                **self._local_stats(DISK, self.disk),
                 "degraded": self.disk.degraded,
                 "corrupt": self.disk.corrupt,
             }

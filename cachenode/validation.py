@@ -8,11 +8,14 @@ from .errors import InvalidRequest
 from .record import MAX_KEY_SIZE
 
 
-def check_key(key: bytes) -> None:
+def check_key(key: bytes | bytearray | memoryview) -> bytes:
+    """The key as bytes, or InvalidRequest: keys are 1..64 bytes."""
     if not isinstance(key, bytes | bytearray | memoryview):
         raise InvalidRequest(f"key must be bytes, got {type(key).__name__}")
+    key = bytes(key)
     if not 0 < len(key) <= MAX_KEY_SIZE:
         raise InvalidRequest(f"key must be 1..{MAX_KEY_SIZE} bytes, got {len(key)}")
+    return key
 
 
 def check_keys(keys: Sequence[bytes], max_batch_keys: int) -> None:

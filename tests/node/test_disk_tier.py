@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import threading
 import uuid
 
@@ -32,21 +31,6 @@ def _files(directory) -> list[str]:
 
 def _all_files(directory) -> list[str]:
     return sorted(os.path.join(root, f) for root, _, files in os.walk(directory) for f in files)
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A real 1 MiB filesystem, to hit ENOSPC for real (needs root)."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_put_writes_one_framed_record_file(tmp_path):
