@@ -311,9 +311,7 @@ class Client:
         if size < 0:
             return None
         view = memoryview(buffer).cast("B")
-        if len(view) < size:
-            # Drain the value so the connection stays usable, then refuse.
-            conn.read_exact(size)
+        if len(view) < size:  # the unread value stays on this connection, which is dropped with the error
             raise InvalidRequest(f"buffer of {len(view)} bytes is too small for a {size}-byte value")
         got = conn.rfile.readinto(view[:size])
         if got != size:

@@ -167,8 +167,7 @@ class CacheNode:
             "node_id": self.node_id,
             "version": self.version,
             "uptime_s": round(time.time() - self.started_at, 3),
-            "ready": self.ready,
-            **self.store.stats(),
+            **self.store.stats(),  # includes "ready"
         }
 
     def stop(self, grace: float = 2.0) -> None:
