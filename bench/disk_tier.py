@@ -28,7 +28,7 @@ import xxhash
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kvpool.cachenode.disk_tier import DiskTier
+from kvpool.cachenode.tiers.disk import DiskTier
 
 MiB = 1024**2
 

@@ -1,6 +1,6 @@
 """kvpool cache node: tiered chunk storage served over gRPC and a lean TCP data channel."""
 
-from .client import Client
 from .errors import CorruptData, InvalidRequest, KVPoolError, Unauthenticated, Unavailable
+from .transport.client import Client
 
 __all__ = ["Client", "CorruptData", "InvalidRequest", "KVPoolError", "Unauthenticated", "Unavailable"]

@@ -70,3 +70,51 @@ TIER_SKIPPED = Counter(
 TIER_BREAKER_STATE = Gauge(
     "kvpool_tier_breaker_state", "Circuit breaker of a tier: 0 closed, 1 half-open, 2 open", ["tier"]
 )
+
+# Pools of several nodes: membership as this node sees it, and chunks handed to new owners.
+POOL_MEMBERS = Gauge(
+    "kvpool_pool_members", "Members of this node's pool by state, itself included", ["state"]
+)
+HANDOFF_CHUNKS = Counter(
+    "kvpool_handoff_chunks_total",
+    "Chunks handed to their new owners after a view change, by reason (leave, rebalance) and result",
+    ["reason", "result"],
+)
+# NIXL (zero-copy) transfers.
+NIXL_LEASES = Counter("kvpool_nixl_leases_total", "Leases handed out for NIXL transfers", ["kind"])
+NIXL_LEASES_EXPIRED = Counter(
+    "kvpool_nixl_leases_expired_total", "NIXL leases that ran out their TTL (peer gone or too slow)", ["kind"]
+)
+NIXL_BYTES = Counter("kvpool_nixl_bytes_total", "Value bytes moved over NIXL", ["op", "side"])
+NIXL_FALLBACKS = Counter(
+    "kvpool_client_nixl_fallbacks_total",
+    "Client requests that fell back from NIXL to the TCP data channel, by reason",
+    ["reason"],
+)
+# Agents (the vLLM pod's sidecar): the connector's shared-memory arena, peers and the pool behind it.
+ARENA_LEASES = Counter(
+    "kvpool_agent_arena_leases_total", "Leases on arena ranges handed to the connector in the pod", ["kind"]
+)
+ARENA_LEASES_EXPIRED = Counter(
+    "kvpool_agent_arena_leases_expired_total",
+    "Arena leases that ran out their TTL (the connector died or was too slow)",
+    ["kind"],
+)
+AGENT_FETCHED = Counter(
+    "kvpool_agent_fetched_chunks_total",
+    "Chunks an agent fetched on a local miss, by source (peer agent, pool of cache nodes)",
+    ["source"],
+)
+AGENT_FETCHED_BYTES = Counter(
+    "kvpool_agent_fetched_bytes_total", "Value bytes an agent fetched on a local miss, by source", ["source"]
+)
+AGENT_FETCH_ERRORS = Counter(
+    "kvpool_agent_fetch_errors_total",
+    "Failed calls of an agent to the lookup service, a peer agent or the pool",
+    ["target"],
+)
+AGENT_WRITE_THROUGH = Counter(
+    "kvpool_agent_write_through_total",
+    "Chunks an agent queued for the cache nodes, and what became of them",
+    ["result"],
+)

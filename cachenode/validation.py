@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import InvalidRequest
-from .record import MAX_KEY_SIZE
+from .tiers.record import MAX_KEY_SIZE
 
 
 def check_key(key: bytes | bytearray | memoryview) -> bytes:

@@ -1,4 +1,10 @@
-"""`kvpool bench node`: Client put/get GB/s beside a plain TCP socket and Valkey, same run."""
+"""`kvpool bench node`: Client put/get GB/s beside a plain TCP socket and Valkey, same run;
+with `--transport nixl`, over NIXL beside a raw NIXL READ and the TCP data channel
+(bench_node_nixl.py).
+
+The get is the connector's path: `Client.get_many_into` receives each value straight into the
+client's pooled, page-aligned receive buffers, released once read, so nothing is allocated per
+value and the process needs no malloc tuning (it tunes none unless `--malloc-tuning`)."""
 
 from __future__ import annotations
 
@@ -45,16 +51,21 @@ def _measure(client, raw, vclient, value: bytes, count: int) -> dict[str, float]
         "baseline_tcp_gbps": _gbps(moved, lambda: [raw.get(size) for _ in keys]),
         "baseline_tcp_put_gbps": _gbps(moved, lambda: [raw.put(size) for _ in keys]),
         "put_gbps": _gbps(moved, lambda: [client.put(k, value) for k in keys]),
+        "get_gbps": _gbps(moved, lambda: [_get_into(client, k) for k in keys]),
     }
-    got: list = []
-    figures["get_gbps"] = _gbps(moved, lambda: got.extend(client.get(k) for k in keys))
-    if any(g != value for g in got):
-        raise click.ClickException("kvpool returned bytes that differ from what was put")
-    got.clear()
+    for key in (keys[0], keys[-1]):  # checked outside the timed pass
+        with client.get_many_into([key])[key] as buf:
+            if buf.view != value:
+                raise click.ClickException("kvpool returned bytes that differ from what was put")
     figures["baseline_valkey_put_gbps"] = _gbps(moved, lambda: [vclient.set(k, value) for k in keys])
     figures["baseline_valkey_get_gbps"] = _gbps(moved, lambda: [vclient.get(k) for k in keys])
     vclient.delete(*keys)
     return figures
+
+
+def _get_into(client, key: bytes) -> None:
+    """What the connector does: receive into a pooled buffer, read it, give it back."""
+    client.get_many_into([key])[key].release()
 
 
 @click.command("node")
@@ -62,12 +73,23 @@ def _measure(client, raw, vclient, value: bytes, count: int) -> dict[str, float]
 @option("--total", default=256, type=click.IntRange(32, 4096), help="MiB moved per size per run.")
 @option(
     "--malloc-tuning/--no-malloc-tuning",
-    default=True,
-    help="Tune this process's malloc for large buffers (helps the kvpool client and valkey-py alike).",
+    default=False,
+    help="Tune this process's malloc for large buffers first (kvpool's paths need none; valkey-py's "
+    "GET, which allocates every value, is faster with it).",
+)
+@option(
+    "--transport",
+    type=click.Choice(["tcp", "nixl"]),
+    default="tcp",
+    help="tcp: the data channel vs a plain socket and Valkey; nixl: NIXL vs raw NIXL and the data channel.",
 )
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of figures.")
-def node(runs: int, total: int, malloc_tuning: bool, as_json: bool) -> None:
-    """Node put/get GB/s vs a plain TCP socket and vs Valkey GET/SET of the same values."""
+def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bool) -> None:
+    """Node put/get GB/s vs a plain TCP socket and vs Valkey GET/SET of the same values (or, with
+    --transport nixl, vs a raw NIXL READ and kvpool's TCP data channel)."""
+    if transport == "nixl":
+        _nixl(runs, total, malloc_tuning, as_json)
+        return
     import valkey
 
     from kvpool.cachenode import Client
@@ -77,7 +99,7 @@ def node(runs: int, total: int, malloc_tuning: bool, as_json: bool) -> None:
     from .local_servers import kvpool_up, valkey_server
 
     if malloc_tuning:
-        tune_malloc_for_large_buffers()  # every client here allocates each value it gets (docs/benchmarks.md)
+        tune_malloc_for_large_buffers()  # only valkey-py allocates what it gets here
     payloads = {name: os.urandom(size) for name, size in SIZES.items()}
     tcp = subprocess.Popen(
         [sys.executable, "-P", "-m", "kvpool.cli.bench_tcp", str(max(SIZES.values()))],
@@ -91,7 +113,7 @@ def node(runs: int, total: int, malloc_tuning: bool, as_json: bool) -> None:
             _progress(
                 f"node {url}, valkey 127.0.0.1:{vk.port}, tcp baseline 127.0.0.1:{tcp_port}; {runs} runs"
             )
-            client = Client(url)
+            client = Client(url, transport="grpc")
             raw = TcpBaselineClient(tcp_port, max(SIZES.values()))
             vclient = valkey.Valkey(host="127.0.0.1", port=vk.port)
             for run in range(-1, runs):  # run -1 warms caches, heaps and connections; not counted
@@ -138,4 +160,25 @@ def node(runs: int, total: int, malloc_tuning: bool, as_json: bool) -> None:
                 f"put {result[f'put_gbps_{name}']:.2f} GB/s (tcp {result[f'baseline_tcp_put_gbps_{name}']:.2f}, "
                 f"x{result[f'ratio_put_vs_tcp_{name}']:.2f})"
             )
+    click.echo(json.dumps(result))
+
+
+def _nixl(runs: int, total: int, malloc_tuning: bool, as_json: bool) -> None:
+    from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
+
+    from . import bench_node_nixl
+
+    reason = bench_node_nixl.available()
+    if reason:
+        raise click.ClickException(f"cannot benchmark NIXL: {reason}")
+    if malloc_tuning:
+        tune_malloc_for_large_buffers()
+    result = {**bench_node_nixl.run(runs, total, _progress), "malloc_tuning": malloc_tuning}
+    if not as_json:
+        click.echo(
+            f"32m over {result['path']}: get {result['get_gbps']:.2f} GB/s "
+            f"(raw NIXL {result['baseline_raw_nixl_gbps']:.2f}, x{result['ratio_get_vs_raw_nixl']:.2f}; "
+            f"TCP channel {result['baseline_tcp_channel_gbps']:.2f}, x{result['ratio_get_vs_tcp_channel']:.2f}) | "
+            f"put {result['put_gbps']:.2f} GB/s (TCP channel x{result['ratio_put_vs_tcp_channel']:.2f})"
+        )
     click.echo(json.dumps(result))

@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator
 
 import click
 
-from kvpool.cachenode.shared_config import SharedTiersConfig, shared_tier_options
 from kvpool.cachenode.sizes import format_size, parse_size
+from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
 
 from .local_servers import moto_server, valkey_server
+from .node_options import shared_tier_options
 
 GB = 1e9
 
@@ -163,7 +164,7 @@ def _bench_tier(name: str, cfg: SharedTiersConfig, sizes, per_round, rounds, log
     if name == "redis":
         import valkey
 
-        from kvpool.cachenode.redis_tier import RedisTier
+        from kvpool.cachenode.tiers.redis import RedisTier
 
         tier = RedisTier(cfg.redis, cfg.policy)
         r = cfg.redis
@@ -176,7 +177,7 @@ def _bench_tier(name: str, cfg: SharedTiersConfig, sizes, per_round, rounds, log
             "valkey",
         )
     else:
-        from kvpool.cachenode.s3_tier import S3Tier, make_client
+        from kvpool.cachenode.tiers.s3 import S3Tier, make_client
 
         tier = S3Tier(cfg.s3, cfg.policy)
         client = make_client(cfg.s3)  # same botocore settings: the difference measured is the layout

@@ -1,4 +1,6 @@
-"""`kvpool bench ttft`: TTFT with a warm pool vs the cache off, same engine settings and prompts."""
+"""`kvpool bench ttft`: TTFT with a warm pool vs the cache off, same engine settings and prompts;
+where a CUDA GPU is present, also DESIGN.md §8's GPU figure for an 8B-shaped model in plain
+PyTorch (bench_ttft_gpu.py)."""
 
 from __future__ import annotations
 
@@ -19,23 +21,47 @@ def _quiet_vllm() -> None:
         help="Local model directory (default: the generated tiny Llama).")  # fmt: skip
 @option("--lengths", default="512,1024,2048,4096", show_default=True, help="Prompt lengths in tokens.")
 @option("--repeats", type=click.IntRange(1, 100), default=5, show_default=True, help="Samples per median.")
+@option(
+    "--gpu",
+    type=click.Choice(["auto", "on", "off", "only"]),
+    default="auto",
+    show_default=True,
+    help="The GPU figure (8B-shaped model, plain PyTorch: prefill vs load + one decode step): auto "
+    "runs it where torch sees a CUDA GPU; on requires one; only skips the vLLM engines.",
+)
+@option("--gpu-lengths", default="4096,32768", show_default=True, help="Prompt lengths of the GPU figure.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def ttft(model: str | None, lengths: str, repeats: int, as_json: bool) -> None:
+def ttft(model: str | None, lengths: str, repeats: int, gpu: str, gpu_lengths: str, as_json: bool) -> None:
     """Same engine and prompt: TTFT with a warm kvpool pool vs the cache off.
 
     On a CPU with the tiny model the figures are indicative only: prefill of a 2-layer model is
     cheap, so the ratio understates what a real model on a GPU gains.
     """
-    _quiet_vllm()
-    from kvpool.connector.tinymodel import ensure_tiny_model
-    from kvpool.connector.ttft import run_ttft_bench
+    out: dict = {}
+    gpu_ns = _lengths(gpu_lengths, "--gpu-lengths")
+    ns = _lengths(lengths, "--lengths")
+    if gpu != "off":
+        out.update(_gpu_figures(gpu, gpu_ns, repeats))
+    if gpu != "only":
+        _quiet_vllm()
+        from kvpool.connector.tinymodel import ensure_tiny_model
+        from kvpool.connector.ttft import run_ttft_bench
 
-    path = model or str(ensure_tiny_model())
-    ns = sorted({int(x) for x in lengths.split(",") if x.strip()})
-    result = run_ttft_bench(path, ns, repeats=repeats, progress=lambda m: click.echo(m, err=True))
-    out = {"model": path, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}}
+        path = model or str(ensure_tiny_model())
+        result = run_ttft_bench(path, ns, repeats=repeats, progress=lambda m: click.echo(m, err=True))
+        out.update({"model": path, **result})
+    out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
     if as_json:
         click.echo(json.dumps(out))
+        return
+    if "gpu_device" in out:
+        for n in gpu_ns:
+            click.echo(
+                f"GPU {n:>6} tokens: prefill {out[f'baseline_gpu_prefill_ms_{n}']:8.1f} ms, load + decode "
+                f"{out[f'gpu_ttft_ms_{n}']:8.1f} ms ({out[f'ratio_gpu_ttft_{n}']:.2f}x), "
+                f"outputs identical: {'yes' if out[f'gpu_outputs_identical_{n}'] else 'NO'}"
+            )
+    if gpu == "only":
         return
     for n in ns:
         click.echo(
@@ -44,3 +70,31 @@ def ttft(model: str | None, lengths: str, repeats: int, as_json: bool) -> None:
         )
     click.echo(f"connector overhead on a miss: {out['connector_miss_overhead_ms']:.3f} ms per request")
     click.echo(f"outputs identical: {'yes' if out['outputs_identical'] else 'NO'}")
+
+
+def _lengths(text: str, flag: str) -> list[int]:
+    try:
+        ns = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated token counts, got {text!r}", param_hint=flag
+        ) from None
+    if not ns or ns[0] <= 0:
+        raise click.BadParameter(f"expected positive token counts, got {text!r}", param_hint=flag)
+    return ns
+
+
+def _gpu_figures(gpu: str, lengths: list[int], repeats: int) -> dict:
+    """The GPU figure, or why it was not measured; `--gpu on`/`only` without a GPU is an error."""
+    import torch
+
+    if not torch.cuda.is_available():
+        reason = f"no CUDA GPU visible to torch {torch.__version__}"
+        if gpu in ("on", "only"):
+            raise click.ClickException(f"--gpu {gpu} needs a CUDA GPU: {reason}")
+        return {"gpu": f"not measured: {reason}"}
+    from . import bench_ttft_gpu
+
+    figures = bench_ttft_gpu.run(lengths, repeats, progress=lambda m: click.echo(m, err=True))
+    torch.cuda.empty_cache()  # the model's weights are gone: leave the memory to vLLM's engine
+    return figures

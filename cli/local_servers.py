@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,20 @@ from dataclasses import dataclass
 
 
 def free_port() -> int:
+    """A port free on 127.0.0.1 now. ``KVPOOL_PORT_RANGE=LO-HI`` picks it from that range instead
+    of the kernel's ephemeral ports: parallel test workers each get their own range outside the
+    ephemeral one, so a port chosen here is not taken meanwhile by another worker's server or by
+    some process's outgoing connection."""
+    band = os.environ.get("KVPOOL_PORT_RANGE")
+    if band:
+        lo, hi = (int(x) for x in band.split("-"))
+        for port in random.sample(range(lo, hi + 1), min(200, hi - lo + 1)):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -135,15 +150,25 @@ def kvpool_up(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.
         "0",
         "--data-port",
         "0",
+        "--lookup-port",
+        "0",
         "--log-level",
         "warning",
         *args,
     ]
+    with _announcing(cmd, "kvpool up", env) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def _announcing(cmd: list[str], what: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A server that prints its URL as its first line (`kvpool up`, `kvpool agent`); stopped with
+    SIGTERM (SIGKILL after 20 s) when done. Yields (process, URL)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = proc.stdout.readline().strip()
         if not url.startswith(("grpc://", "grpcs://")):
-            raise RuntimeError(f"kvpool up did not print its URL (exit {proc.poll()}, printed {url!r})")
+            raise RuntimeError(f"{what} did not print its URL (exit {proc.poll()}, printed {url!r})")
         yield proc, url
     finally:
         if proc.poll() is None:
@@ -153,3 +178,54 @@ def kvpool_up(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@dataclass
+class LookupProcess:
+    proc: subprocess.Popen
+    url: str
+    port: int
+    http_port: int
+
+
+@contextlib.contextmanager
+def kvpool_lookup(
+    *args: str, port: int = 0, http_port: int = 0, cpus: set[int] | None = None
+) -> Iterator[LookupProcess]:
+    """Run `kvpool lookup` on loopback (free ports unless given), optionally pinned to `cpus`."""
+    port = port or free_port()
+    http_port = http_port or free_port()
+    cmd = [sys.executable, "-P", "-m", "kvpool.cli.main", "lookup", "--host", "127.0.0.1",
+           "--port", str(port), "--http-port", str(http_port), *args]  # fmt: skip
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # every thread inherits it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=pin)
+    try:
+        url = proc.stdout.readline().strip()
+        if not url.startswith(("grpc://", "grpcs://")):
+            raise RuntimeError(f"kvpool lookup did not print its URL (exit {proc.poll()}, printed {url!r})")
+        yield LookupProcess(proc, url, port, http_port)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def kvpool_agent(agent_id: str, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run `kvpool agent` on free ports with its arena in a fresh directory under /dev/shm
+    (removed afterwards); yields (process, grpc URL)."""
+    arena_dir = tempfile.mkdtemp(
+        prefix="kvpool-agent-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+    )
+    cmd = [sys.executable, "-P", "-m", "kvpool.cli.main", "agent", "--host", "127.0.0.1",
+           "--port", "0", "--http-port", "0", "--data-port", "0", "--agent-id", agent_id,
+           "--arena-dir", arena_dir, "--log-level", "warning", *args]  # fmt: skip
+    try:
+        with _announcing(cmd, "kvpool agent") as started:
+            yield started
+    finally:
+        shutil.rmtree(arena_dir, ignore_errors=True)

@@ -6,7 +6,22 @@ import sys
 
 import click
 
-from . import bench_node, bench_tiers, bench_ttft, demo_cmd, node_cmd, operator_cmd, status_cmd
+from . import (
+    agent_cmd,
+    bench_copy,
+    bench_lookup,
+    bench_node,
+    bench_p2p,
+    bench_pool,
+    bench_tiers,
+    bench_ttft,
+    demo_cmd,
+    lookup_cmd,
+    node_cmd,
+    operator_cmd,
+    payload_cmd,
+    status_cmd,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -22,12 +37,19 @@ def bench() -> None:
 
 cli.add_command(node_cmd.node)
 cli.add_command(node_cmd.up)
+cli.add_command(lookup_cmd.lookup)
+cli.add_command(agent_cmd.agent)
 cli.add_command(status_cmd.status)
 cli.add_command(demo_cmd.demo)
 cli.add_command(operator_cmd.operator)
+cli.add_command(payload_cmd.payload)
 
 
+bench.add_command(bench_copy.copy_cmd)
+bench.add_command(bench_lookup.lookup)
 bench.add_command(bench_node.node)
+bench.add_command(bench_p2p.p2p)
+bench.add_command(bench_pool.pool)
 bench.add_command(bench_tiers.tiers)
 bench.add_command(bench_ttft.ttft)
 

@@ -1,100 +1,104 @@
-"""The flags shared by `kvpool node` and `kvpool up`, turned into NodeSettings."""
+"""The flags of `kvpool node`, `kvpool up` and `kvpool agent`, generated from the settings registry,
+and NodeSettings / AgentSettings built from them (with the file reads the pure registry leaves to
+the CLI)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from kvpool.cachenode.auth import load_token
-from kvpool.cachenode.settings import (
-    DEFAULT_DATA_PORT,
-    DEFAULT_GRPC_PORT,
-    DEFAULT_HTTP_PORT,
-    DEFAULT_MAX_BATCH_KEYS,
-    DEFAULT_MAX_VALUE_SIZE,
-    DEFAULT_MEMORY,
-    NodeSettings,
-)
-from kvpool.cachenode.shared_config import SharedTiersConfig, shared_tier_options
-from kvpool.cachenode.tls import load_server_tls
+from kvpool.cachenode import settings as registry
+from kvpool.cachenode.settings import AgentSettings, NodeSettings, Setting
+from kvpool.cachenode.transport.auth import load_token
+from kvpool.cachenode.transport.tls import ServerTLS, load_server_tls
 
-from .options import PORT, SIZE, option
 
-NODE_OPTIONS = [
-    option("--host", default="0.0.0.0", help="Address to bind every port on."),
-    option("--port", type=PORT, default=DEFAULT_GRPC_PORT, help="gRPC port (0 = a free port)."),
-    option(
-        "--http-port", type=PORT, default=DEFAULT_HTTP_PORT, help="HTTP port for /metrics, /healthz, /readyz."
-    ),
-    option(
-        "--data-port", type=PORT, default=DEFAULT_DATA_PORT, help="TCP data channel port (0 = a free port)."
-    ),
-    option("--memory", type=SIZE, default=DEFAULT_MEMORY, help="L1 memory budget, e.g. 512MiB, 4GiB."),
-    option(
-        "--disk-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="L2 disk tier directory.",
-    ),
-    option("--disk-size", type=SIZE, default="0", help="L2 disk budget, e.g. 100GiB (needs --disk-dir)."),
-    option(
-        "--max-value-size", type=SIZE, default=DEFAULT_MAX_VALUE_SIZE, help="Largest value a put may carry."
-    ),
-    option(
-        "--max-batch-keys",
-        type=click.IntRange(1, 1_000_000),
-        default=DEFAULT_MAX_BATCH_KEYS,
-        help="Most keys in one request.",
-    ),
-    option(
-        "--high-watermark",
-        type=click.FloatRange(0, 1, min_open=True),
-        default=0.95,
-        help="Evict once a tier passes this fill.",
-    ),
-    option(
-        "--low-watermark",
-        type=click.FloatRange(0, 1, min_open=True),
-        default=0.85,
-        help="...down to this fill.",
-    ),
-    option(
-        "--auth-token-file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="Require this bearer token.",
-    ),
-    option(
-        "--tls-cert-file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="Serve TLS on every port with this certificate chain (PEM).",
-    ),
-    option(
-        "--tls-key-file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="The private key of --tls-cert-file (PEM).",
-    ),
-    option("--node-id", default="", help="Stable node identity (default: hostname + random suffix)."),
-    option("--advertise-host", default="", help="Host clients should use for the data channel."),
-]
+class SettingType(click.ParamType):
+    """A flag's value parsed by its setting's own parser (the one the operator checks pools with)."""
+
+    def __init__(self, setting: Setting) -> None:
+        self.setting = setting
+        self.name = setting.kind
+
+    def convert(self, value: Any, param, ctx) -> Any:
+        if not isinstance(value, str):
+            return value  # a typed default
+        try:
+            return self.setting.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def setting_option(setting: Setting, command: str | None = None) -> Callable:
+    """The click option of one setting: its flag, `KVPOOL_<NAME>` env var, default (`command`'s)
+    and help."""
+    default = setting.default_for(command)
+    common = {
+        "envvar": setting.env,
+        "show_envvar": True,
+        "show_default": default not in (None, ""),
+        "help": setting.help,
+    }
+    if setting.negatable:
+        negative = "--no-" + setting.flag[2:]
+        return click.option(f"{setting.flag}/{negative}", setting.name, default=default, **common)
+    return click.option(setting.flag, setting.name, type=SettingType(setting), default=default, **common)
+
+
+def registry_options(
+    settings: Iterable[Setting], command: str | None = None
+) -> Callable[[Callable], Callable]:
+    """Decorate a command with the flags of `settings`, in the given order."""
+    options = [setting_option(s, command) for s in settings]
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
 
 
 def node_options(func: Callable) -> Callable:
-    """The node's own flags plus the shared-tier flags (--redis-url, --s3-url, policy, ...)."""
-    func = shared_tier_options(func)
-    for decorator in reversed(NODE_OPTIONS):
-        func = decorator(func)
-    return func
+    """Every flag of a node: addresses, membership, capacity, auth/TLS, shared tiers and their policy."""
+    return registry_options(registry.for_command(registry.NODE), registry.NODE)(func)
 
 
-def settings_from_options(params: dict) -> NodeSettings:
-    """Build and validate settings; raises click.BadParameter/UsageError (exit code 2)."""
+def up_options(func: Callable) -> Callable:
+    """The flags of `kvpool up`: a node's, less what `up` sets itself (--lookup-url: it runs its own)."""
+    return registry_options(registry.for_command(registry.UP), registry.UP)(func)
+
+
+def agent_options(func: Callable) -> Callable:
+    """Every flag of an agent: its ports and identity, the lookup service, the pool, the arena,
+    and the node flags it shares (memory, limits, auth/TLS, NIXL, the write-through queue)."""
+    return registry_options(registry.for_command(registry.AGENT), registry.AGENT)(func)
+
+
+def shared_tier_options(func: Callable) -> Callable:
+    """The shared-tier flags alone (--pool-name, --redis-*, --s3-*, --tier-*), for `kvpool bench tiers`."""
+    groups = ("tiers", "policy")
+    return registry_options(s for s in registry.SETTINGS_LIST if s.group in groups and s.commands)(func)
+
+
+AUTH_TLS_SETTINGS = ("auth_token_file", "tls_cert_file", "tls_key_file")
+
+
+def auth_tls_options(func: Callable) -> Callable:
+    """The node's --auth-token-file / --tls-cert-file / --tls-key-file flags, for other servers
+    (`kvpool lookup`) that guard their ports the same way."""
+    return registry_options(registry.SETTINGS[name] for name in AUTH_TLS_SETTINGS)(func)
+
+
+def auth_tls_from_options(params: dict) -> tuple[str | None, ServerTLS | None]:
+    """The bearer token and server TLS of --auth-token-file / --tls-cert-file / --tls-key-file
+    (read here: the pure registry leaves file reads to the CLI)."""
     token = None
     if params.get("auth_token_file"):
         try:
@@ -110,47 +114,38 @@ def settings_from_options(params: dict) -> NodeSettings:
             tls = load_server_tls(cert, key)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--tls-cert-file") from None
-    try:
-        shared = SharedTiersConfig.from_options(**params)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    return token, tls
+
+
+def settings_from_options(params: dict) -> NodeSettings:
+    """Build and validate settings; raises click.BadParameter/UsageError (exit code 2)."""
+    token, tls = auth_tls_from_options(params)
     disk_dir = params.get("disk_dir")
     if disk_dir is not None:
         check_writable_dir(disk_dir)
-    settings = NodeSettings(
-        host=params["host"],
-        port=params["port"],
-        http_port=params["http_port"],
-        data_port=params["data_port"],
-        memory=params["memory"],
-        disk_dir=disk_dir,
-        disk_size=params["disk_size"],
-        max_value_size=params["max_value_size"],
-        max_batch_keys=params["max_batch_keys"],
-        auth_token=token,
-        tls=tls,
-        node_id=params["node_id"],
-        advertise_host=params["advertise_host"],
-        high_watermark=params["high_watermark"],
-        low_watermark=params["low_watermark"],
-        shared=shared,
-    )
     try:
-        settings.validate()
+        return registry.node_settings(params, auth_token=token, tls=tls)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    return settings
 
 
-def check_writable_dir(path: Path) -> None:
+def agent_settings_from_options(params: dict) -> AgentSettings:
+    """Build and validate an agent's settings; raises click.BadParameter/UsageError (exit code 2)."""
+    token, tls = auth_tls_from_options(params)
+    check_writable_dir(params["arena_dir"], "--arena-dir")
+    try:
+        return registry.agent_settings(params, hostname=socket.gethostname(), auth_token=token, tls=tls)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def check_writable_dir(path: Path, flag: str = "--disk-dir") -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".kvpool-probe-"):
             pass
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise click.BadParameter(
-            f"{path} is not a writable directory ({reason})", param_hint="--disk-dir"
-        ) from None
+        raise click.BadParameter(f"{path} is not a writable directory ({reason})", param_hint=flag) from None
     if not os.access(path, os.W_OK):
-        raise click.BadParameter(f"{path} is not writable", param_hint="--disk-dir")
+        raise click.BadParameter(f"{path} is not writable", param_hint=flag)

@@ -1,9 +1,15 @@
-"""Where the connector's chunks live: an embedded in-process pool or a remote pool over gRPC.
+"""Where the connector's chunks live: an embedded in-process pool, the agent in this pod (its
+shared-memory arena), or a remote pool over gRPC.
 
 The connector only ever talks to ``SafePool``: every call has a short deadline, every exception
 becomes a miss (logged once per burst, counted), and a pool that keeps failing is skipped for a
 while (a small circuit breaker) so that a dead pool costs nothing per request. A cache must never
 fail or stall a request; recomputing is always correct.
+
+Reads hand out ``Held`` values (``get_many_into``): a view of the bytes plus ``release()``. A
+remote pool receives each value straight into the client's pooled, page-aligned receive buffers
+(pinned where CUDA is), so the connector allocates nothing per chunk; ``release()`` returns the
+buffer. The embedded pool hands out views of its own memory.
 """
 
 from __future__ import annotations
@@ -20,16 +26,42 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from . import metrics
+from .settings import ConnectorSettings, load_settings
 
 log = logging.getLogger("kvpool")
 
 
+class Held(Protocol):
+    """A value read from a pool: ``view`` is valid until ``release()`` (a pooled receive buffer
+    goes back to its pool then; call it once the bytes have been copied out)."""
+
+    view: memoryview | None
+
+    def release(self) -> None: ...
+
+
+class Borrowed:
+    """A value that is no pooled buffer (a view of the embedded pool's memory, or bytes): holding
+    the view keeps the memory alive, releasing drops it."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, value) -> None:
+        self.view: memoryview | None = memoryview(value)
+
+    def release(self) -> None:
+        self.view = None
+
+
 class Pool(Protocol):
-    """The few operations the connector needs; values are whole encoded chunks."""
+    """The few operations the connector needs; values are whole encoded chunks.
+    ``get_many_into`` is optional: without it, ``SafePool`` wraps ``get_many``'s values."""
 
     name: str
 
     def prefix_hits(self, keys: Sequence[bytes]) -> int: ...
+    def lease_prefix(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int]: ...
+    def release(self, lease_id: int, keys: Sequence[bytes] | None) -> None: ...
     def get_many(self, keys: Sequence[bytes]) -> list[object | None]: ...
     def put_many(self, items: list[tuple[bytes, bytes]]) -> None: ...
     def delete(self, keys: Sequence[bytes]) -> None: ...
@@ -41,7 +73,7 @@ class EmbeddedPool:
     restarts. Shared by the scheduler-side and worker-side connectors of one process."""
 
     def __init__(self, memory_bytes: int, disk_dir: str | None = None, disk_bytes: int = 0) -> None:
-        from kvpool.cachenode.store import TieredStore
+        from kvpool.cachenode.tiers.store import TieredStore
 
         self._store = TieredStore(memory_bytes, disk_dir=disk_dir, disk_bytes=disk_bytes).start()
         self.name = "embedded pool" + (f" (disk {disk_dir})" if disk_dir else "")
@@ -49,10 +81,25 @@ class EmbeddedPool:
     def prefix_hits(self, keys: Sequence[bytes]) -> int:
         return self._store.prefix_hits(list(keys))
 
+    def lease_prefix(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int]:
+        return self._store.lease_prefix(list(keys), lease_ms / 1000)
+
+    def release(self, lease_id: int, keys: Sequence[bytes] | None) -> None:
+        self._store.release(lease_id, None if keys is None else list(keys))
+
     def get_many(self, keys: Sequence[bytes]) -> list[object | None]:
         return list(self._store.get_many(list(keys)))
 
-    def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
+    def get_many_into(self, keys: Sequence[bytes]) -> list[Held | None]:
+        """Views of the store's memory (no copy); each keeps its range alive until released."""
+        return [None if v is None else Borrowed(v) for v in self._store.get_many(list(keys))]
+
+    def put_many(self, items: list[tuple[bytes, object]]) -> None:
+        """The store owns what it is given: its disk tier writes it later, from another thread.
+        Views of the caller's buffers (the saver's, reused once this returns) are copied first
+        where a disk tier will read them after the call; L1 copies into its arena during it."""
+        if self._store.disk is not None:
+            items = [(k, v if isinstance(v, bytes) else bytes(v)) for k, v in items]
         self._store.put_many(items)
 
     def delete(self, keys: Sequence[bytes]) -> None:
@@ -62,17 +109,32 @@ class EmbeddedPool:
         self._store.close()
 
 
-class RemotePool:
-    """A node, an agent or ``kvpool up`` reached through the kvpool client."""
+def bearer_token(s: ConnectorSettings) -> str | None:
+    """The token for a pool with auth on: `auth_token`, else the contents of `auth_token_file`
+    (ValueError when that file cannot be read or is empty)."""
+    if s.auth_token or not s.auth_token_file:
+        return s.auth_token
+    from kvpool.cachenode.transport.auth import load_token
 
-    def __init__(self, url: str, timeout: float) -> None:
-        from kvpool.cachenode import Client
+    return load_token(s.auth_token_file)
 
-        self._client = Client(url, timeout=timeout)
-        self.name = url
+
+class _ClientPool:
+    """A pool behind a kvpool client object (the routing pool client or the agent client): both
+    answer the same calls with dicts keyed by chunk key."""
+
+    def __init__(self, client, name: str) -> None:
+        self._client = client
+        self.name = name
 
     def prefix_hits(self, keys: Sequence[bytes]) -> int:
         return self._client.prefix_hits(list(keys))
+
+    def lease_prefix(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int]:
+        return self._client.lease_prefix(list(keys), lease_ms)
+
+    def release(self, lease_id: int, keys: Sequence[bytes] | None) -> None:
+        self._client.release(lease_id, None if keys is None else list(keys))
 
     def get_many(self, keys: Sequence[bytes]) -> list[object | None]:
         found = self._client.get_many(list(keys))
@@ -86,6 +148,98 @@ class RemotePool:
 
     def close(self) -> None:
         self._client.close()
+
+
+class RemotePool(_ClientPool):
+    """A node, an agent or ``kvpool up`` reached through the kvpool client."""
+
+    def __init__(self, url: str, timeout: float, token: str | None = None) -> None:
+        from kvpool.cachenode import Client
+
+        super().__init__(Client(url, timeout=timeout, token=token), url)
+
+    def get_many_into(self, keys: Sequence[bytes]) -> list[Held | None]:
+        """Each value received straight into a pooled receive buffer of the client."""
+        found = self._client.get_many_into(list(keys))
+        return [found.pop(k, None) for k in keys]  # a key asked twice is found once
+
+
+class AgentPool(_ClientPool):
+    """The agent in this pod (`kvpool agent`): lookups over gRPC, chunk bytes through the agent's
+    shared-memory arena (mapped here; `AgentClient`), so they never cross gRPC in the pod. The
+    agent answers lookups for its peers and the cache nodes too, and fetches on a get."""
+
+    def __init__(self, client) -> None:
+        super().__init__(client, f"agent {client.agent_id} ({client.url}, shared memory)")
+
+
+class UrlPool:
+    """The pool at KVPOOL_URL: the agent in this pod when the server's Hello says it is an agent
+    and its arena file maps here (``AgentPool``); anything else — nodes, `kvpool up`, an agent of
+    another pod — through the kvpool client (``RemotePool``). Decided at the first call; a server
+    not reachable yet (a sidecar still starting) is asked again at the next one."""
+
+    def __init__(self, url: str, timeout: float, token: str | None = None) -> None:
+        self.name = url
+        self._url = url
+        self._timeout = timeout
+        self._token = token
+        self._chosen: Pool | None = None
+        self._lock = threading.Lock()
+
+    def _pool(self) -> Pool:
+        if self._chosen is None:
+            with self._lock:
+                if self._chosen is None:
+                    self._chosen = self._choose()
+                    self.name = self._chosen.name
+        return self._chosen
+
+    def _choose(self) -> Pool:
+        from kvpool.cachenode.agent.client import AgentClient, NotInThisPod, hello
+        from kvpool.cachenode.urls import parse_urls
+
+        if (
+            len(parse_urls(self._url)[0]) == 1
+            and hello(self._url, token=self._token, timeout=self._timeout).kind == "agent"
+        ):
+            client = AgentClient(
+                self._url, token=self._token, timeout=self._timeout, name=f"connector (pid {os.getpid()})"
+            )
+            try:
+                client.attach()
+            except NotInThisPod as exc:
+                client.close()
+                log.info("kvpool: %s; reaching the agent over the network instead", exc)
+            except BaseException:
+                client.close()
+                raise
+            else:
+                log.info("kvpool: using agent %s through its shared-memory arena", client.agent_id)
+                return AgentPool(client)
+        return RemotePool(self._url, self._timeout, self._token)
+
+    def prefix_hits(self, keys: Sequence[bytes]) -> int:
+        return self._pool().prefix_hits(keys)
+
+    def lease_prefix(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int]:
+        return self._pool().lease_prefix(keys, lease_ms)
+
+    def release(self, lease_id: int, keys: Sequence[bytes] | None) -> None:
+        self._pool().release(lease_id, keys)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[object | None]:
+        return self._pool().get_many(keys)
+
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        self._pool().put_many(items)
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        self._pool().delete(keys)
+
+    def close(self) -> None:
+        if self._chosen is not None:
+            self._chosen.close()
 
 
 class SafePool:
@@ -150,6 +304,28 @@ class SafePool:
         self._ok()
         return max(0, min(n, len(keys)))
 
+    def lease_prefix(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int]:
+        """prefix_hits that pins what it found for ``lease_ms`` (0: a plain lookup, no lease)."""
+        if lease_ms <= 0:
+            return self.prefix_hits(keys), 0
+        if not keys or not self._available():
+            return 0, 0
+        try:
+            n, lease_id = self.pool.lease_prefix(keys, lease_ms)
+        except Exception as exc:
+            self._fail("lookup", exc)
+            return 0, 0
+        self._ok()
+        return max(0, min(int(n), len(keys))), int(lease_id)
+
+    def release(self, lease_id: int, keys: Sequence[bytes] | None = None) -> None:
+        """End (part of) a lease; a failure only means the lease expires by itself."""
+        if lease_id and self._available():
+            try:
+                self.pool.release(lease_id, keys)
+            except Exception as exc:
+                self._fail("release", exc)
+
     def get_many(self, keys: Sequence[bytes]) -> list[object | None]:
         if not keys or not self._available():
             return [None] * len(keys)
@@ -163,12 +339,40 @@ class SafePool:
             return [None] * len(keys)
         return values
 
+    def get_many_into(self, keys: Sequence[bytes]) -> list[Held | None]:
+        """Like ``get_many``, but each value found is ``Held``: release it once read."""
+        if not keys or not self._available():
+            return [None] * len(keys)
+        get = getattr(self.pool, "get_many_into", None)
+        try:
+            if get is None:
+                held = [None if v is None else Borrowed(v) for v in self.pool.get_many(keys)]
+            else:
+                held = list(get(keys))
+        except Exception as exc:
+            self._fail("get", exc)
+            return [None] * len(keys)
+        self._ok()
+        if len(held) != len(keys):
+            for h in held:
+                if h is not None:
+                    h.release()
+            return [None] * len(keys)
+        return held
+
     def delete(self, keys: Sequence[bytes]) -> None:
         if keys and self._available():
             try:
                 self.pool.delete(keys)
             except Exception as exc:
                 self._fail("delete", exc)
+
+    def write(self, items: list[tuple[bytes, object]]) -> bool:
+        """Store now, in the calling thread (for callers that run their own background writer
+        and must know when the values were sent); False when the write failed or was skipped."""
+        if not items or not self._available() or self._closed:
+            return False
+        return self._put_now(items)
 
     def put_many(self, items: list[tuple[bytes, bytes]]) -> bool:
         """Store encoded chunks; False when the write was dropped (pool down or queue full)."""
@@ -238,7 +442,9 @@ class LocalNodePool(EmbeddedPool):
     the scheduler (which only asks "how many leading chunks are there?"). So the worker owns the
     store — loads and saves stay in-process memory copies — and serves lookups to the scheduler
     through a loopback kvpool node whose address it leaves in a rendezvous file named after the
-    engine id (both processes know it from the shared kv_transfer_config).
+    engine id and data-parallel rank (both processes know them from the shared config). Under
+    tensor/pipeline parallelism the first worker (TP 0, PP 0) owns the pool and the other workers
+    reach it the way the scheduler does: one pool per engine, each rank with its own keys.
     """
 
     def __init__(self, memory_bytes: int, disk_dir: str | None, disk_bytes: int, rendezvous: str) -> None:
@@ -272,7 +478,8 @@ class LocalNodePool(EmbeddedPool):
 
 
 class RendezvousPool:
-    """The scheduler's view of a worker-owned embedded pool: lookups only, found lazily."""
+    """Another process's view of a worker-owned embedded pool (the scheduler's lookups, the other
+    tensor/pipeline-parallel workers' loads and saves), found lazily through the rendezvous file."""
 
     def __init__(self, rendezvous: str, timeout: float) -> None:
         self._rendezvous = rendezvous
@@ -289,8 +496,17 @@ class RendezvousPool:
     def prefix_hits(self, keys: Sequence[bytes]) -> int:
         return self._pool().prefix_hits(keys)
 
+    def lease_prefix(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int]:
+        return self._pool().lease_prefix(keys, lease_ms)
+
+    def release(self, lease_id: int, keys: Sequence[bytes] | None) -> None:
+        self._pool().release(lease_id, keys)
+
     def get_many(self, keys: Sequence[bytes]) -> list[object | None]:
         return self._pool().get_many(keys)
+
+    def get_many_into(self, keys: Sequence[bytes]) -> list[Held | None]:
+        return self._pool().get_many_into(keys)
 
     def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
         self._pool().put_many(items)
@@ -304,13 +520,14 @@ class RendezvousPool:
 
 
 _shared: dict[tuple, SafePool] = {}
-_embedded: dict[str, SafePool] = {}  # engine id → this process's worker-owned embedded pool
+_embedded: dict[tuple[str, int], SafePool] = {}  # (engine id, DP rank) → this process's owned pool
 _shared_lock = threading.Lock()
 
 
-def rendezvous_path(engine_id: str) -> str:
+def rendezvous_path(engine_id: str, dp_rank: int = 0) -> str:
+    """One file per engine and data-parallel rank: DP ranks are separate engines (schedulers)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in engine_id)
-    return os.path.join(tempfile.gettempdir(), f"kvpool-embedded-{safe}.url")
+    return os.path.join(tempfile.gettempdir(), f"kvpool-embedded-{safe}-dp{dp_rank}.url")
 
 
 def open_pool(
@@ -322,31 +539,39 @@ def open_pool(
     timeout_s: float,
     engine_id: str = "default",
     owner: bool = True,
+    dp_rank: int = 0,
+    token: str | None = None,
+    settings: ConnectorSettings | None = None,
 ) -> SafePool:
-    """The pool for one connector. ``url`` set → that remote pool (shared per process).
-    Unset → the embedded pool: the worker (``owner``) creates and serves it; a scheduler in the
-    same process uses it directly, one in another process looks it up through the rendezvous
-    file. A pool that cannot even be opened is a permanent miss, never an engine failure."""
+    """The pool for one connector. ``url`` set → that pool (shared per process: the agent in this
+    pod through its arena, else a remote pool; ``UrlPool``), sent
+    ``token`` (default: the bearer token of ``settings``, else of KVPOOL_AUTH_TOKEN or the file
+    KVPOOL_AUTH_TOKEN_FILE) when it has auth on. Unset → the embedded pool: the owning worker creates and serves it; a scheduler or another
+    worker in the same process uses it directly, one in another process reaches it through the
+    rendezvous file. A pool that cannot even be opened is a permanent miss, never an engine
+    failure."""
     with _shared_lock:
         if url:
-            key = (url, timeout_s)
+            key = (url, timeout_s, token)
             if key not in _shared:
                 try:
-                    _shared[key] = SafePool(RemotePool(url, timeout_s))
+                    auth = token if token is not None else bearer_token(settings or load_settings(None))
+                    _shared[key] = SafePool(UrlPool(url, timeout_s, auth))
                 except Exception as exc:
                     _shared[key] = _broken(url, exc)
                 atexit.register(_shared[key].close)
             return _shared[key]
-        if engine_id in _embedded:
-            return _embedded[engine_id]
-        path = rendezvous_path(engine_id)
+        ident = (engine_id, dp_rank)
+        if ident in _embedded:
+            return _embedded[ident]
+        path = rendezvous_path(engine_id, dp_rank)
         if not owner:
             return SafePool(RendezvousPool(path, timeout_s))
         try:
             pool = SafePool(LocalNodePool(memory_bytes, disk_dir, disk_bytes, path), sync_writes=True)
         except Exception as exc:
             pool = _broken("embedded", exc)
-        _embedded[engine_id] = pool
+        _embedded[ident] = pool
         atexit.register(pool.close)
         return pool
 

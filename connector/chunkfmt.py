@@ -1,16 +1,24 @@
-"""The self-describing chunk format (DESIGN.md §3): one header, then the KV payload.
+"""The self-describing chunk format (DESIGN.md §3): one header page, then the KV payload.
 
 Pure logic, no I/O, no torch. Every chunk the connector stores carries this header on every tier
 and wire, so a reader can prove that the bytes are the KV it asked for — same key, same model
 fingerprint, same layout, dtype and shape, intact payload — before a single byte reaches the engine.
 Anything else is a miss (``ChunkFormatError``), never a wrong answer.
 
-Header (little endian, 124 bytes):
+Header (little endian), padded with zeros to ``HEADER_SIZE`` = 4096 bytes (one page):
     magic "KVPC" | version u16 | layout u8 | dtype u8 | codec u8 | ndim u8 | pad u16 |
     shape 6 x u32 | token_count u32 | pad u32 | payload_len u64 |
-    fingerprint digest 32 B | chunk key 32 B | xxh3_64 checksum u64
+    fingerprint digest 32 B | chunk key 32 B | xxh3_64 checksum u64 | zeros
 The checksum covers the header bytes before it and the payload, so a flipped header bit is caught
-even in a field the reader does not compare.
+even in a field the reader does not compare; the padding must be zeros.
+
+Why a whole page: a value received into a page-aligned buffer (the client's pooled receive
+buffers, a NIXL-registered region, an O_DIRECT read) then has its payload page-aligned too, so the
+payload can be handed to a copy kernel or a DMA engine in place; and a writer can copy a chunk
+straight into the payload of such a buffer and write the header in front afterwards (``seal``).
+
+Version 1 (a 124-byte header, kvpool before issue 11) is refused with ``ChunkVersionError``: a
+miss, and the reader leaves the value alone (another kvpool version may still read it).
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ from dataclasses import dataclass
 import xxhash
 
 MAGIC = b"KVPC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_DIMS = 6
+HEADER_SIZE = 4096  # one page: the payload of a page-aligned value is page-aligned
 
 #: The only chunk layout so far: [layers, 2 (K then V), tokens, kv_heads, head_dim], each layer
 #: contiguous so that a reader can hand layer i to the engine while layer i+1 is still arriving.
@@ -34,13 +43,19 @@ CODEC_RAW = 0
 DTYPES = {"float32": 1, "float16": 2, "bfloat16": 3, "float8_e4m3fn": 4, "float8_e5m2": 5, "uint8": 6}
 DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 
+_MAGIC_VERSION = struct.Struct("<4sH")
 _PREFIX = struct.Struct("<4sHBBBBH" + "I" * MAX_DIMS + "IIQ32s32s")
 _CHECKSUM = struct.Struct("<Q")
-HEADER_SIZE = _PREFIX.size + _CHECKSUM.size
+_FIELDS_END = _PREFIX.size + _CHECKSUM.size
+_ZEROS = bytes(HEADER_SIZE - _FIELDS_END)
 
 
 class ChunkFormatError(ValueError):
     """The bytes are not the chunk the reader expected; treat as a miss."""
+
+
+class ChunkVersionError(ChunkFormatError):
+    """A well-formed chunk of another format version: a miss, but not damage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +77,11 @@ class ChunkSpec:
             n *= d
         return n
 
+    @property
+    def encoded_size(self) -> int:
+        """Bytes of the whole value: the header page and the payload."""
+        return HEADER_SIZE + self.payload_size
+
 
 def _prefix(spec: ChunkSpec, payload_len: int) -> bytes:
     if spec.dtype not in DTYPES:
@@ -82,28 +102,51 @@ def _checksum(prefix, payload) -> int:
     return h.intdigest()
 
 
+def _header(spec: ChunkSpec, payload) -> bytes:
+    prefix = _prefix(spec, payload.nbytes)
+    return b"".join((prefix, _CHECKSUM.pack(_checksum(prefix, payload)), _ZEROS))
+
+
 def encode(spec: ChunkSpec, payload) -> bytes:
-    """Header + payload as one bytes object (what the pool stores as the value)."""
+    """Header + payload as one new bytes object (tools and tests; the connector uses ``seal``)."""
     view = memoryview(payload).cast("B")
     if view.nbytes != spec.payload_size:
         raise ChunkFormatError(f"payload is {view.nbytes} bytes, spec says {spec.payload_size}")
-    prefix = _prefix(spec, view.nbytes)
-    return b"".join((prefix, _CHECKSUM.pack(_checksum(prefix, view)), view))
+    return b"".join((_header(spec, view), view))
+
+
+def payload_view(buffer, spec: ChunkSpec) -> memoryview:
+    """Where a writer puts the payload of ``spec`` inside a value buffer of ``spec.encoded_size``."""
+    view = memoryview(buffer).cast("B")
+    if view.nbytes != spec.encoded_size:
+        raise ChunkFormatError(f"buffer is {view.nbytes} bytes, the chunk {spec.encoded_size}")
+    return view[HEADER_SIZE:]
+
+
+def seal(spec: ChunkSpec, buffer) -> None:
+    """Write the header in front of the payload already in ``buffer`` (see ``payload_view``):
+    the value is then complete, without copying the payload."""
+    view = memoryview(buffer).cast("B")
+    payload = payload_view(view, spec)
+    view[:HEADER_SIZE] = _header(spec, payload)
 
 
 def decode(data, expected: ChunkSpec) -> memoryview:
     """Verify every header field against ``expected`` and the checksum; return the payload view."""
     view = memoryview(data).cast("B")
+    if view.nbytes < _MAGIC_VERSION.size:
+        raise ChunkFormatError(f"chunk shorter than its header ({view.nbytes} bytes)")
+    magic, version = _MAGIC_VERSION.unpack(view[: _MAGIC_VERSION.size])
+    if magic != MAGIC:
+        raise ChunkFormatError(f"bad magic {bytes(magic)!r}")
+    if version != FORMAT_VERSION:
+        raise ChunkVersionError(f"chunk format version {version}, this kvpool reads {FORMAT_VERSION}")
     if view.nbytes < HEADER_SIZE:
         raise ChunkFormatError(f"chunk shorter than its header ({view.nbytes} bytes)")
     prefix = view[: _PREFIX.size]
     fields = _PREFIX.unpack(prefix)
-    magic, version, layout, dtype, codec, ndim, _, *rest = fields
+    _magic, _version, layout, dtype, codec, ndim, _, *rest = fields
     dims, (token_count, _, payload_len, fingerprint, key) = rest[:MAX_DIMS], rest[MAX_DIMS:]
-    if magic != MAGIC:
-        raise ChunkFormatError(f"bad magic {bytes(magic)!r}")
-    if version != FORMAT_VERSION:
-        raise ChunkFormatError(f"unsupported chunk format version {version}")
     if key != expected.key:
         raise ChunkFormatError("chunk belongs to another key")
     if fingerprint != expected.fingerprint:
@@ -118,8 +161,10 @@ def decode(data, expected: ChunkSpec) -> memoryview:
         raise ChunkFormatError(f"token count {token_count} != {expected.token_count}")
     if payload_len != expected.payload_size or view.nbytes != HEADER_SIZE + payload_len:
         raise ChunkFormatError(f"payload length {view.nbytes - HEADER_SIZE} != {expected.payload_size}")
+    if view[_FIELDS_END:HEADER_SIZE] != _ZEROS:
+        raise ChunkFormatError("header padding is not zero")
     payload = view[HEADER_SIZE:]
-    (stored,) = _CHECKSUM.unpack(view[_PREFIX.size : HEADER_SIZE])
+    (stored,) = _CHECKSUM.unpack(view[_PREFIX.size : _FIELDS_END])
     if _checksum(prefix, payload) != stored:
         raise ChunkFormatError("checksum mismatch")
     return payload

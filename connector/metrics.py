@@ -22,6 +22,8 @@ COUNTERS = (
     "load_failed_tokens",  # tokens whose load failed (recomputed by vLLM)
     "stored_tokens",  # tokens written to the pool
     "corrupt_chunks",  # chunks rejected by header/fingerprint/checksum checks
+    "refused_requests",  # requests the connector cannot key safely: neither loaded nor stored
+    "unsaved_tokens",  # tokens computed over a failed load (on any rank): not stored
 )
 LATENCIES = ("lookup_seconds", "load_seconds", "store_seconds")
 

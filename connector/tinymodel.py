@@ -121,6 +121,23 @@ def corpus(n_words: int, seed: int = 0) -> str:
     return " ".join(rnd.choice(_WORDS) for _ in range(n_words))
 
 
+def _tokenizer(extra_special: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on ``corpus`` (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=CONFIG["vocab_size"],
+        special_tokens=["<unk>", "<s>", "</s>", *extra_special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([corpus(2000, seed=i) for i in range(20)], trainer=trainer)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def ensure_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Create the model once under ``path`` (default ``~/.cache/kvpool/tiny-llama``); reuse it after."""
     out = Path(path) if path else default_dir()
@@ -128,23 +145,10 @@ def ensure_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> P
     if marker.exists() and json.loads(marker.read_text()).get("version") == _VERSION:
         return out
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=CONFIG["vocab_size"],
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([corpus(2000, seed=i) for i in range(20)], trainer=trainer)
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(out)
+    _tokenizer().save_pretrained(out)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         **CONFIG,
@@ -156,6 +160,45 @@ def ensure_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> P
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     marker.write_text(json.dumps({"version": _VERSION, **CONFIG}))
+    return out
+
+
+def ensure_tiny_lora(path: str | os.PathLike, seed: int, rank: int = 8) -> Path:
+    """A LoRA adapter (PEFT files) for the tiny model whose ``k_proj``/``v_proj`` deltas are
+    non-zero, so the same text has other keys and values under it than under the base model."""
+    out = Path(path)
+    marker = out / "kvpool-tiny-lora.json"
+    if marker.exists() and json.loads(marker.read_text()).get("seed") == seed:
+        return out
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    hidden, kv_out = CONFIG["hidden_size"], CONFIG["num_key_value_heads"] * CONFIG["head_dim"]
+    tensors = {}
+    for layer in range(CONFIG["num_hidden_layers"]):
+        for proj in ("k_proj", "v_proj"):
+            name = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.05
+            tensors[f"{name}.lora_B.weight"] = torch.randn(kv_out, rank, generator=gen) * 0.05
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": ["k_proj", "v_proj"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "base_model_name_or_path": "kvpool-tiny-llama",
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    marker.write_text(json.dumps({"seed": seed, "rank": rank}))
     return out
 
 

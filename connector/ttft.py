@@ -86,6 +86,7 @@ def miss_overhead_ms(n_tokens: int = 4096, repeats: int = 200) -> float:
 
     from .backend import RendezvousPool, SafePool, open_pool, rendezvous_path
     from .keys import ModelFingerprint, chunk_keys
+    from .settings import ConnectorSettings
 
     engine = f"bench-{os.getpid()}"
     owner = open_pool(
@@ -100,7 +101,7 @@ def miss_overhead_ms(n_tokens: int = 4096, repeats: int = 200) -> float:
         ids = [rnd.randrange(50000) for _ in range(n_tokens)]
         t0 = time.perf_counter()
         keys = chunk_keys(fp, ids, salt=str(i))
-        sched.prefix_hits(keys)
+        sched.lease_prefix(keys, ConnectorSettings().lease_ms)  # the connector's lookup (pins hits)
         times.append(time.perf_counter() - t0)
     sched.close()
     owner.close()

@@ -30,12 +30,25 @@ PLURALS: dict[tuple[str, str], str] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
     (f"{POOL_GROUP}/{VERSION}", "KVCachePool"): PLURAL,
+    ("kopf.dev/v1", "ClusterKopfPeering"): "clusterkopfpeerings",
+    ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"): "mutatingwebhookconfigurations",
 }
 
 
-def path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+def api_error(exc: ApiException) -> str:
+    """The API server's own words for a refusal: status code, reason and message."""
+    try:
+        message = json.loads(exc.body or "{}").get("message") or ""
+    except (ValueError, AttributeError):
+        message = str(exc.body or "")
+    return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+
+
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
+    """The URL of a kind (namespace None: a cluster-scoped kind)."""
     prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    out = f"{prefix}/namespaces/{namespace}/{PLURALS[(api_version, kind)]}"
+    scope = f"/namespaces/{namespace}" if namespace is not None else ""
+    out = f"{prefix}{scope}/{PLURALS[(api_version, kind)]}"
     return f"{out}/{name}" if name else out
 
 
@@ -86,7 +99,7 @@ class Kube:
         raw = response.data
         return json.loads(raw) if raw else None
 
-    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self._call("GET", path(api_version, kind, namespace, name))
         except ApiException as exc:
@@ -117,6 +130,24 @@ class Kube:
                     raise
         self._call("PATCH", url, obj, query, content_type="application/apply-patch+yaml")
         return "updated"
+
+    def patch_status(
+        self, api_version: str, kind: str, namespace: str, name: str, new: dict[str, Any]
+    ) -> None:
+        """Merge `new` into the object's status (the status subresource)."""
+        url = path(api_version, kind, namespace, name) + "/status"
+        self._call("PATCH", url, {"status": new}, content_type="application/merge-patch+json")
+
+    def merge_patch(
+        self, api_version: str, kind: str, namespace: str | None, name: str, body: dict[str, Any]
+    ) -> None:
+        """A JSON merge patch (RFC 7386): lists in `body` replace the object's lists whole."""
+        self._call(
+            "PATCH",
+            path(api_version, kind, namespace, name),
+            body,
+            content_type="application/merge-patch+json",
+        )
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """Delete if present; True when something was deleted."""

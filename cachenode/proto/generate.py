@@ -1,4 +1,4 @@
-"""Regenerate kvpool_pb2*.py from kvpool.proto; tests check the committed files are current."""
+"""Regenerate the *_pb2*.py files from the .proto files here; tests check the committed files are current."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROTO = "kvpool.proto"
-OUTPUTS = ("kvpool_pb2.py", "kvpool_pb2_grpc.py", "kvpool_pb2.pyi")
+PROTOS = ("agent.proto", "kvpool.proto", "lookup.proto", "nixl.proto")
+OUTPUTS = tuple(
+    f"{Path(proto).stem}{suffix}" for proto in PROTOS for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
+)
 
 
 def generate(out_dir: Path) -> None:
@@ -21,15 +23,17 @@ def generate(out_dir: Path) -> None:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        str(HERE / PROTO),
+        *(str(HERE / proto) for proto in PROTOS),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
-    grpc_file = out_dir / "kvpool_pb2_grpc.py"
-    text = grpc_file.read_text()
-    # protoc emits an absolute import; the module lives inside a package.
-    text = re.sub(r"^import kvpool_pb2 as", "from . import kvpool_pb2 as", text, flags=re.M)
-    grpc_file.write_text(text)
+    for proto in PROTOS:
+        stem = Path(proto).stem
+        grpc_file = out_dir / f"{stem}_pb2_grpc.py"
+        text = grpc_file.read_text()
+        # protoc emits an absolute import; the module lives inside a package.
+        text = re.sub(rf"^import {stem}_pb2 as", f"from . import {stem}_pb2 as", text, flags=re.M)
+        grpc_file.write_text(text)
 
 
 def generated_texts() -> dict[str, str]:

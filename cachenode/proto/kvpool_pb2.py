@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ckvpool.proto\x12\tkvpool.v1\"\x1e\n\x0cHelloRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\"\xb3\x01\n\rHelloResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tdata_port\x18\x03 \x01(\r\x12\x12\n\ndata_token\x18\x04 \x01(\x0c\x12\x16\n\x0emax_value_size\x18\x05 \x01(\x04\x12\x16\n\x0emax_batch_keys\x18\x06 \x01(\r\x12\x16\n\x0emax_frame_size\x18\x07 \x01(\r\x12\x11\n\tdata_host\x18\x08 \x01(\t\"%\n\x08PutEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\">\n\x08PutFrame\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.kvpool.v1.PutEntry\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"\'\n\x08GetFrame\x12\r\n\x05sizes\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1b\n\x0bKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"#\n\x10\x43ontainsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x0e\n\x0cStatsRequest\"\x1d\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xab\x03\n\tCacheNode\x12:\n\x05Hello\x12\x17.kvpool.v1.HelloRequest\x1a\x18.kvpool.v1.HelloResponse\x12\x34\n\x03Put\x12\x13.kvpool.v1.PutFrame\x1a\x16.kvpool.v1.PutResponse(\x01\x12\x33\n\x03Get\x12\x15.kvpool.v1.GetRequest\x1a\x13.kvpool.v1.GetFrame0\x01\x12>\n\nPrefixHits\x12\x16.kvpool.v1.KeysRequest\x1a\x18.kvpool.v1.CountResponse\x12?\n\x08\x43ontains\x12\x16.kvpool.v1.KeysRequest\x1a\x1b.kvpool.v1.ContainsResponse\x12:\n\x06\x44\x65lete\x12\x16.kvpool.v1.KeysRequest\x1a\x18.kvpool.v1.CountResponse\x12:\n\x05Stats\x12\x17.kvpool.v1.StatsRequest\x1a\x18.kvpool.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ckvpool.proto\x12\tkvpool.v1\"\x1e\n\x0cHelloRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\"\xc1\x01\n\rHelloResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tdata_port\x18\x03 \x01(\r\x12\x12\n\ndata_token\x18\x04 \x01(\x0c\x12\x16\n\x0emax_value_size\x18\x05 \x01(\x04\x12\x16\n\x0emax_batch_keys\x18\x06 \x01(\r\x12\x16\n\x0emax_frame_size\x18\x07 \x01(\r\x12\x11\n\tdata_host\x18\x08 \x01(\t\x12\x0c\n\x04kind\x18\t \x01(\t\"%\n\x08PutEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\">\n\x08PutFrame\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.kvpool.v1.PutEntry\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"\'\n\x08GetFrame\x12\r\n\x05sizes\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"?\n\x0bKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\x04\"0\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\"0\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"#\n\x10\x43ontainsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x0e\n\x0cStatsRequest\"\x1d\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x84\x01\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tgrpc_port\x18\x03 \x01(\r\x12\x11\n\tdata_port\x18\x04 \x01(\r\x12\x11\n\thttp_port\x18\x05 \x01(\r\x12\r\n\x05state\x18\x06 \x01(\t\x12\x13\n\x0bincarnation\x18\x07 \x01(\x04\"3\n\x0eMembersRequest\x12!\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x11.kvpool.v1.Member\"\x99\x01\n\x0fMembersResponse\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.kvpool.v1.Member\x12 \n\x05peers\x18\x02 \x03(\x0b\x32\x11.kvpool.v1.Member\x12\x1a\n\x12replication_factor\x18\x03 \x01(\r\x12\x10\n\x08previous\x18\x04 \x03(\t\x12\x15\n\rchanged_s_ago\x18\x05 \x01(\x01\x32\xad\x04\n\tCacheNode\x12:\n\x05Hello\x12\x17.kvpool.v1.HelloRequest\x1a\x18.kvpool.v1.HelloResponse\x12\x34\n\x03Put\x12\x13.kvpool.v1.PutFrame\x1a\x16.kvpool.v1.PutResponse(\x01\x12\x33\n\x03Get\x12\x15.kvpool.v1.GetRequest\x1a\x13.kvpool.v1.GetFrame0\x01\x12>\n\nPrefixHits\x12\x16.kvpool.v1.KeysRequest\x1a\x18.kvpool.v1.CountResponse\x12?\n\x08\x43ontains\x12\x16.kvpool.v1.KeysRequest\x1a\x1b.kvpool.v1.ContainsResponse\x12:\n\x06\x44\x65lete\x12\x16.kvpool.v1.KeysRequest\x1a\x18.kvpool.v1.CountResponse\x12:\n\x05Stats\x12\x17.kvpool.v1.StatsRequest\x1a\x18.kvpool.v1.StatsResponse\x12>\n\x07Release\x12\x19.kvpool.v1.ReleaseRequest\x1a\x18.kvpool.v1.CountResponse\x12@\n\x07Members\x12\x19.kvpool.v1.MembersRequest\x1a\x1a.kvpool.v1.MembersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOREQUEST']._serialized_start=27
   _globals['_HELLOREQUEST']._serialized_end=57
   _globals['_HELLORESPONSE']._serialized_start=60
-  _globals['_HELLORESPONSE']._serialized_end=239
-  _globals['_PUTENTRY']._serialized_start=241
-  _globals['_PUTENTRY']._serialized_end=278
-  _globals['_PUTFRAME']._serialized_start=280
-  _globals['_PUTFRAME']._serialized_end=342
-  _globals['_PUTRESPONSE']._serialized_start=344
-  _globals['_PUTRESPONSE']._serialized_end=373
-  _globals['_GETREQUEST']._serialized_start=375
-  _globals['_GETREQUEST']._serialized_end=401
-  _globals['_GETFRAME']._serialized_start=403
-  _globals['_GETFRAME']._serialized_end=442
-  _globals['_KEYSREQUEST']._serialized_start=444
-  _globals['_KEYSREQUEST']._serialized_end=471
-  _globals['_COUNTRESPONSE']._serialized_start=473
-  _globals['_COUNTRESPONSE']._serialized_end=503
-  _globals['_CONTAINSRESPONSE']._serialized_start=505
-  _globals['_CONTAINSRESPONSE']._serialized_end=540
-  _globals['_STATSREQUEST']._serialized_start=542
-  _globals['_STATSREQUEST']._serialized_end=556
-  _globals['_STATSRESPONSE']._serialized_start=558
-  _globals['_STATSRESPONSE']._serialized_end=587
-  _globals['_CACHENODE']._serialized_start=590
-  _globals['_CACHENODE']._serialized_end=1017
+  _globals['_HELLORESPONSE']._serialized_end=253
+  _globals['_PUTENTRY']._serialized_start=255
+  _globals['_PUTENTRY']._serialized_end=292
+  _globals['_PUTFRAME']._serialized_start=294
+  _globals['_PUTFRAME']._serialized_end=356
+  _globals['_PUTRESPONSE']._serialized_start=358
+  _globals['_PUTRESPONSE']._serialized_end=387
+  _globals['_GETREQUEST']._serialized_start=389
+  _globals['_GETREQUEST']._serialized_end=415
+  _globals['_GETFRAME']._serialized_start=417
+  _globals['_GETFRAME']._serialized_end=456
+  _globals['_KEYSREQUEST']._serialized_start=458
+  _globals['_KEYSREQUEST']._serialized_end=521
+  _globals['_COUNTRESPONSE']._serialized_start=523
+  _globals['_COUNTRESPONSE']._serialized_end=571
+  _globals['_RELEASEREQUEST']._serialized_start=573
+  _globals['_RELEASEREQUEST']._serialized_end=621
+  _globals['_CONTAINSRESPONSE']._serialized_start=623
+  _globals['_CONTAINSRESPONSE']._serialized_end=658
+  _globals['_STATSREQUEST']._serialized_start=660
+  _globals['_STATSREQUEST']._serialized_end=674
+  _globals['_STATSRESPONSE']._serialized_start=676
+  _globals['_STATSRESPONSE']._serialized_end=705
+  _globals['_MEMBER']._serialized_start=708
+  _globals['_MEMBER']._serialized_end=840
+  _globals['_MEMBERSREQUEST']._serialized_start=842
+  _globals['_MEMBERSREQUEST']._serialized_end=893
+  _globals['_MEMBERSRESPONSE']._serialized_start=896
+  _globals['_MEMBERSRESPONSE']._serialized_end=1049
+  _globals['_CACHENODE']._serialized_start=1052
+  _globals['_CACHENODE']._serialized_end=1609
 # @@protoc_insertion_point(module_scope)

@@ -69,6 +69,16 @@ class CacheNodeStub:
                 request_serializer=kvpool__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvpool__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/kvpool.v1.CacheNode/Release',
+                request_serializer=kvpool__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=kvpool__pb2.CountResponse.FromString,
+                _registered_method=True)
+        self.Members = channel.unary_unary(
+                '/kvpool.v1.CacheNode/Members',
+                request_serializer=kvpool__pb2.MembersRequest.SerializeToString,
+                response_deserializer=kvpool__pb2.MembersResponse.FromString,
+                _registered_method=True)
 
 
 class CacheNodeServicer:
@@ -97,7 +107,9 @@ class CacheNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PrefixHits(self, request, context):
-        """How many leading keys are stored.
+        """How many leading keys are stored. With lease_ms > 0 the keys found in the node's local
+        tiers are also pinned (not evicted) until released or lease_ms passes; the answer carries
+        the lease id (0 = nothing pinned).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +130,21 @@ class CacheNodeServicer:
 
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Unpin keys of a lease from PrefixHits (all of them when keys is empty); count = keys unpinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Members(self, request, context):
+        """The pool's members as this node sees them (itself first). A node probing its peers sends
+        itself as `caller`, so a peer learns of it even before DNS lists it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -159,6 +186,16 @@ def add_CacheNodeServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvpool__pb2.StatsRequest.FromString,
                     response_serializer=kvpool__pb2.StatsResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=kvpool__pb2.ReleaseRequest.FromString,
+                    response_serializer=kvpool__pb2.CountResponse.SerializeToString,
+            ),
+            'Members': grpc.unary_unary_rpc_method_handler(
+                    servicer.Members,
+                    request_deserializer=kvpool__pb2.MembersRequest.FromString,
+                    response_serializer=kvpool__pb2.MembersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +387,60 @@ class CacheNode:
             '/kvpool.v1.CacheNode/Stats',
             kvpool__pb2.StatsRequest.SerializeToString,
             kvpool__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.CacheNode/Release',
+            kvpool__pb2.ReleaseRequest.SerializeToString,
+            kvpool__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Members(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.CacheNode/Members',
+            kvpool__pb2.MembersRequest.SerializeToString,
+            kvpool__pb2.MembersResponse.FromString,
             options,
             channel_credentials,
             insecure,

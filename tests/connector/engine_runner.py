@@ -5,8 +5,12 @@ Each step sends token-id prompts (so chunk boundaries are exact) with greedy sam
 prompt length, ``num_cached_tokens`` and the output tokens. One process may build several engines
 in turn (``engines``), sharing the slow imports.
 
-Spec: {"model": path, "out": path, "engines": [{"connector": bool, "extra": {...},
-        "steps": [{"name": str, "prompts": [[ids]...], "salt": str|null, "pause": [ready, go]}]}]}
+Spec: {"model": path, "out": path, "engines": [{"connector": bool, "extra": {...}, "max_tokens": n,
+        "lora": bool, "prompt_embeds": bool, "tp": n,
+        "steps": [{"name": str, "prompts": [[ids]...], "salt": str|null, "pause": [ready, go],
+                   "lora": [name, int id, path] | null, "embeds": path of a torch.save'd list}]}]}
+
+A step with "embeds" sends those tensors as ``prompt_embeds`` (one per prompt) instead of "prompts".
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ def run_engine(model: str, engine: dict) -> dict:
             kv_role="kv_both",
             kv_connector_extra_config=engine.get("extra", {}),
         )
+    if engine.get("lora"):
+        kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=2)
+    if engine.get("prompt_embeds"):
+        kwargs["enable_prompt_embeds"] = True
+    if engine.get("tp", 1) > 1:
+        kwargs["tensor_parallel_size"] = engine["tp"]
     llm = LLM(
         model=model,
         enable_prefix_caching=False,  # so every reuse the tests see comes from the pool
@@ -51,16 +61,25 @@ def run_engine(model: str, engine: dict) -> dict:
             deadline = time.time() + 120
             while not os.path.exists(go) and time.time() < deadline:
                 time.sleep(0.05)
-        prompts = [
-            {"prompt_token_ids": ids, **({"cache_salt": step["salt"]} if step.get("salt") else {})}
-            for ids in step["prompts"]
-        ]
+        salt = {"cache_salt": step["salt"]} if step.get("salt") else {}
+        if step.get("embeds"):
+            import torch
+
+            prompts = [{"prompt_embeds": t, **salt} for t in torch.load(step["embeds"])]
+        else:
+            prompts = [{"prompt_token_ids": ids, **salt} for ids in step["prompts"]]
+        lora = None
+        if step.get("lora"):
+            from vllm.lora.request import LoRARequest
+
+            name, lora_id, path = step["lora"]
+            lora = LoRARequest(name, lora_id, path)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
+        outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=lora)
         elapsed = time.perf_counter() - t0
         results[step["name"]] = [
             {
-                "prompt_len": len(o.prompt_token_ids),
+                "prompt_len": len(o.prompt_token_ids or []),
                 "cached": o.num_cached_tokens,
                 "tokens": list(o.outputs[0].token_ids),
                 "seconds": elapsed,

@@ -2,86 +2,62 @@
 
 All engine runs happen once per module (engine start is the slow part) in subprocesses running
 engine_runner.py; the tests assert on what they recorded. Prefix caching is off in every engine,
-so a cached token can only have come from the pool. Chunks are 64 tokens, blocks 32.
+so a cached token can only have come from the pool. Chunks are 64 tokens, blocks 32; every
+request generates 32 tokens, compared token for token with the connector-free engine.
 
 Engines:  base   — no connector: the reference outputs for every prompt.
-          emb    — embedded pool with a disk dir; then a second engine with another model id on
-                   the same dir (fingerprint → 0 hits); then a restart on the same dir (disk hits).
+          emb    — embedded pool with a disk dir (also the "fresh engine" whose saved chunks are
+                   the reference bytes); then a second engine with another model id on the same
+                   dir (fingerprint → 0 hits); then a restart on the same dir (disk hits).
           A, B   — two engine processes and one `kvpool up` between them: B retrieves what A
-                   stored; one chunk corrupted before B; the pool killed while B is paused.
+                   stored. B reaches the pool through faultproxy.py, which deletes a chunk between
+                   B's lookup and its load, or answers a load too late; one chunk is corrupted
+                   before B; wrong KV (another prompt's, and a block-permuted copy of the right
+                   one) is planted for B; the pool is killed while B is paused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from kvpool.cli.local_servers import free_port
+from kvpool.cachenode import Client
+from kvpool.cachenode.tiers.disk import DiskTier
+from kvpool.cli.local_servers import kvpool_up
 from kvpool.connector import chunkfmt
-from kvpool.connector.keys import ModelFingerprint, chunk_keys
+from kvpool.connector.keys import chunk_keys
 
-pytestmark = pytest.mark.slow
+from .enginetools import fault_proxy, fingerprints, finish, ids, payload, plant, run, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # one fixture starts every engine
 
 C = 64
-RUNNER = str(Path(__file__).with_name("engine_runner.py"))
+TOKENS = 32  # generated per request
 
-
-def _ids(n: int, seed: int) -> list[int]:
-    rnd = random.Random(seed)
-    return [rnd.randrange(3, 1000) for _ in range(n)]
-
-
-P_A = _ids(330, 1)  # 5 full chunks + 10-token tail → 320 loadable
-P_C = P_A[:150] + _ids(180, 2)  # shares chunks 0-1 with P_A (chunk 2 differs at token 150)
-P_X = _ids(256, 3)  # exactly 4 chunks → 224 loadable (one token must be computed)
-P_S = _ids(40, 4)  # shorter than a chunk
-P_B = [_ids(200, 10 + i) for i in range(3)]  # a batch: 3 full chunks each
-P_D = _ids(140, 20)  # A stores; its chunk 1 is corrupted in the pool before B reads it
-P_N = _ids(200, 21)  # never computed: the test writes well-formed chunks of wrong KV for it
-P_E = _ids(200, 22)  # after the pool is killed
-ALL = {"A": P_A, "C": P_C, "X": P_X, "S": P_S, "D": P_D, "N": P_N, "E": P_E}
+P_A = ids(330, 1)  # 5 full chunks + 10-token tail → 320 loadable
+P_C = P_A[:150] + ids(180, 2)  # shares chunks 0-1 with P_A (chunk 2 differs at token 150)
+P_X = ids(256, 3)  # exactly 4 chunks → 224 loadable (one token must be computed)
+P_S = ids(40, 4)  # shorter than a chunk
+P_B = [ids(200, 10 + i) for i in range(3)]  # a batch: 3 full chunks each
+P_D = ids(140, 20)  # A stores; its chunk 1 is corrupted in the pool before B reads it
+P_E = ids(200, 22)  # after the pool is killed
+P_F = ids(330, 23)  # A stores chunks 0-2; chunk 1 is deleted between B's lookup and its load
+P_T = ids(330, 24)  # A stores chunks 0-2; B's load of them answers past the deadline
+P_W = ids(200, 25)  # never computed before B: P_A's real KV is planted under its keys
+P_P = ids(256, 26)  # A stores it; a block-permuted copy replaces it before B
+ALL = {"A": P_A, "C": P_C, "X": P_X, "S": P_S, "D": P_D, "E": P_E, "F": P_F, "T": P_T, "W": P_W, "P": P_P}
 ALL.update({f"B{i}": p for i, p in enumerate(P_B)})
-
-
-def _run(spec: dict, tmp: Path, name: str, wait: bool = True):
-    spec_path = tmp / f"{name}.json"
-    spec["out"] = str(tmp / f"{name}.out.json")
-    spec_path.write_text(json.dumps(spec))
-    log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 (handed to the child process)
-    proc = subprocess.Popen(
-        [sys.executable, "-P", RUNNER, str(spec_path)], stdout=log, stderr=subprocess.STDOUT
-    )
-    if not wait:
-        return proc
-    return _finish(proc, spec, tmp, name)
-
-
-def _finish(proc, spec, tmp, name):
-    rc = proc.wait(timeout=300)
-    text = (tmp / f"{name}.log").read_text()
-    assert rc == 0, f"engine run {name} failed:\n{text[-4000:]}"
-    return json.loads(Path(spec["out"]).read_text())["engines"], text
-
-
-def _fingerprint(model: str) -> ModelFingerprint:
-    """What the connector computes for the tiny model on CPU (checked: the pool has these keys)."""
-    return ModelFingerprint(
-        model=model, revision="", kv_dtype="bfloat16", kv_layout="LKTHD/cpu", num_layers=2,
-        num_kv_heads=2, head_dim=32, chunk_size=C,
-    )  # fmt: skip
+REFS = ("D", "F", "T", "W")  # prompts whose chunks the "fresh engine" (emb) stores as reference
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kvpool.cachenode import Client
     from kvpool.connector.tinymodel import ensure_tiny_model
 
     tmp = tmp_path_factory.mktemp("engines")
@@ -89,15 +65,19 @@ def runs(tmp_path_factory):
     out: dict = {"model": model}
 
     base_steps = [{"name": k, "prompts": [v]} for k, v in ALL.items()]
-    out["base"], _ = _run(
-        {"model": model, "engines": [{"connector": False, "steps": base_steps}]}, tmp, "base"
+    out["base"], _ = run(
+        {"model": model, "engines": [{"connector": False, "max_tokens": TOKENS, "steps": base_steps}]},
+        tmp,
+        "base",
     )
 
     disk = str(tmp / "emb-disk")
+    out["emb_disk"] = disk
     emb_extra = {"chunk_size": C, "disk_dir": disk, "disk_size": "256MiB", "memory": "128MiB"}
     emb = [
         {
             "extra": emb_extra,
+            "max_tokens": TOKENS,
             "steps": [
                 {"name": "A1", "prompts": [P_A]},
                 {"name": "A2", "prompts": [P_A]},
@@ -110,73 +90,106 @@ def runs(tmp_path_factory):
                 {"name": "B2", "prompts": P_B},
                 {"name": "salt1", "prompts": [P_A], "salt": "tenant-b"},
                 {"name": "salt2", "prompts": [P_A], "salt": "tenant-b"},
+                *({"name": f"ref-{k}", "prompts": [ALL[k]]} for k in REFS),
             ],
         },
-        {"extra": {**emb_extra, "model_id": "another-model"}, "steps": [{"name": "A", "prompts": [P_A]}]},
-        {"extra": emb_extra, "steps": [{"name": "A", "prompts": [P_A]}]},
+        {
+            "extra": {**emb_extra, "model_id": "another-model"},
+            "max_tokens": TOKENS,
+            "steps": [{"name": "A", "prompts": [P_A]}],
+        },
+        {"extra": emb_extra, "max_tokens": TOKENS, "steps": [{"name": "A", "prompts": [P_A]}]},
     ]
-    out["emb"], out["emb_log"] = _run({"model": model, "engines": emb}, tmp, "emb")
+    out["emb"], out["emb_log"] = run({"model": model, "engines": emb}, tmp, "emb")
 
-    port = free_port()
-    pool = subprocess.Popen(
-        [sys.executable, "-P", "-m", "kvpool.cli.main", "up", "--host", "127.0.0.1", "--port", str(port),
-         "--http-port", "0", "--data-port", "0", "--memory", "256MiB"],
-        stdout=open(tmp / "pool.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-    )  # fmt: skip
-    url = f"grpc://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                with Client(url, timeout=1) as c:
-                    c.stats()
-                break
-            except Exception:
-                assert time.time() < deadline and pool.poll() is None, (tmp / "pool.log").read_text()
-                time.sleep(0.2)
+    faults = tmp / "faults.json"
+    with kvpool_up("--memory", "256MiB") as (pool, url), fault_proxy(url, faults, tmp) as proxy:
         remote = {"chunk_size": C, "url": url, "timeout_ms": 500}
-        a_steps = [{"name": "A", "prompts": [P_A]}, {"name": "D", "prompts": [P_D]}]
-        out["A"], out["A_log"] = _run(
-            {"model": model, "engines": [{"extra": remote, "steps": a_steps}]}, tmp, "A"
+        a_steps = [
+            {"name": "A", "prompts": [P_A]},
+            {"name": "D", "prompts": [P_D]},
+            {"name": "F", "prompts": [P_F[:200]]},
+            {"name": "T", "prompts": [P_T[:200]]},
+            {"name": "P", "prompts": [P_P]},
+        ]
+        out["A"], out["A_log"] = run(
+            {"model": model, "engines": [{"extra": remote, "max_tokens": TOKENS, "steps": a_steps}]}, tmp, "A"
         )
 
-        fp = _fingerprint(model)
+        fp = fingerprints(out["A_log"])[(0, 0)]
+        out["fp"] = fp
+        keys = {k: chunk_keys(fp, v) for k, v in ALL.items()}
+        out["keys"] = keys
         with Client(url, timeout=5) as c:
-            out["pool_has_A"] = c.prefix_hits(chunk_keys(fp, P_A))
-            # (f) corrupt chunk 1 of P_D: flip one payload byte, header untouched
-            key = chunk_keys(fp, P_D)[1]
-            value = bytearray(c.get(key))
+            out["pool_has_A"] = c.prefix_hits(keys["A"])
+            # corrupt chunk 1 of P_D: flip one payload byte, header untouched
+            value = bytearray(c.get(keys["D"][1]))
             value[chunkfmt.HEADER_SIZE + 100] ^= 0xFF
-            c.put(key, bytes(value))
-            # negative control: well-formed chunks (right key, header, checksum) of wrong KV for P_N
-            for k in chunk_keys(fp, P_N):
-                spec = chunkfmt.ChunkSpec(k, fp.digest, "bfloat16", (2, 2, C, 2, 32), C)
-                c.put(k, chunkfmt.encode(spec, bytes(random.Random(7).randbytes(spec.payload_size))))
+            out["corrupted_D1"] = bytes(value)
+            c.put(keys["D"][1], bytes(value))
+            # negative control 1: P_A's real KV under P_W's keys (well-formed: key, header, checksum)
+            for i, key in enumerate(keys["W"]):
+                plant(c, fp, key, payload(fp, keys["A"][i], c.get(keys["A"][i])))
+            # negative control 2: the right KV of P_P with the two 32-token blocks of every chunk
+            # swapped (only the last chunk is loaded in part, which is where attention can tell)
+            for key in keys["P"]:
+                kv = torch.frombuffer(bytearray(payload(fp, key, c.get(key))), dtype=torch.bfloat16)
+                kv = kv.view(fp.num_layers, 2, C, fp.num_kv_heads, fp.head_dim)
+                plant(
+                    c,
+                    fp,
+                    key,
+                    torch.cat([kv[:, :, 32:], kv[:, :, :32]], dim=2)
+                    .contiguous()
+                    .view(torch.uint8)
+                    .numpy()
+                    .tobytes(),
+                )
+        faults.write_text(
+            json.dumps(
+                {"delete_on_get": [keys["F"][1].hex()], "slow_on_get": [keys["T"][0].hex()], "slow_s": 1.5}
+            )
+        )
 
         ready, go = str(tmp / "b.ready"), str(tmp / "b.go")
         b_steps = [
             {"name": "A", "prompts": [P_A]},
             {"name": "D", "prompts": [P_D]},
-            {"name": "N", "prompts": [P_N]},
+            {"name": "F", "prompts": [P_F]},
+            {"name": "T", "prompts": [P_T]},
+            {"name": "W", "prompts": [P_W]},
+            {"name": "P", "prompts": [P_P]},
             {"name": "A_after_kill", "prompts": [P_A], "pause": [ready, go]},
             {"name": "E_after_kill", "prompts": [P_E]},
         ]
-        spec_b = {"model": model, "engines": [{"extra": remote, "steps": b_steps}]}
-        proc_b = _run(spec_b, tmp, "B", wait=False)
-        deadline = time.time() + 240
-        while not os.path.exists(ready):
-            assert proc_b.poll() is None and time.time() < deadline, (tmp / "B.log").read_text()[-4000:]
-            time.sleep(0.1)
+        via_proxy = {**remote, "url": proxy}
+        spec_b = {"model": model, "engines": [{"extra": via_proxy, "max_tokens": TOKENS, "steps": b_steps}]}
+        proc_b = run(spec_b, tmp, "B", wait=False)
+        wait_for(ready, proc_b, tmp, "B")
         with Client(url, timeout=5) as c:
-            out["corrupt_key_left"] = c.get(key) is not None
-        pool.send_signal(signal.SIGKILL)  # (e) the pool dies mid-run
+            out["pool_after_B"] = {k: [c.get(key) for key in keys[k]] for k in REFS}
+            # Workers release what they read in the background: allow the last releases to
+            # arrive. A lease nobody releases ends only by expiry, which leases_expired counts.
+            deadline = time.monotonic() + 5
+            while True:
+                stats = c.stats()
+                if (stats["pinned_bytes"], stats["leases"]) == (0, 0) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            out["pinned_after_B"] = (stats["pinned_bytes"], stats["leases"], stats["leases_expired"])
+        pool.send_signal(signal.SIGKILL)  # the pool dies mid-run
         pool.wait(timeout=10)
         Path(go).touch()
-        out["B"], out["B_log"] = _finish(proc_b, spec_b, tmp, "B")
-    finally:
-        if pool.poll() is None:
-            pool.kill()
+        out["B"], out["B_log"] = finish(proc_b, spec_b, tmp, "B")
     return out
+
+
+def _ref_chunks(runs, name: str) -> list[bytes | None]:
+    """What a fresh engine (emb, a clean recompute of the whole prompt) saved for ``name``."""
+    tier = DiskTier(runs["emb_disk"], 1 << 30, name="ref-probe")
+    tier.rebuild_index()
+    values = [tier.get(key) for key in runs["keys"][name]]
+    return [None if v is None else bytes(v) for v in values]
 
 
 def _ref(runs, name: str) -> list[int]:
@@ -236,7 +249,7 @@ def test_embedded_disk_pool_survives_an_engine_restart(runs):
 
 def test_b_second_engine_retrieves_what_the_first_stored(runs):
     assert runs["A"][0]["A"][0]["cached"] == 0
-    assert runs["pool_has_A"] == 5  # the keys computed here match the engine's: fingerprint is stable
+    assert runs["pool_has_A"] == 5  # the logged fingerprint gives the engine's keys
     b = runs["B"][0]["A"][0]
     assert b["cached"] == 320
     assert b["tokens"] == _ref(runs, "A") == runs["A"][0]["A"][0]["tokens"]
@@ -247,15 +260,52 @@ def test_f_corrupted_chunk_is_a_miss_and_outputs_are_identical(runs):
     assert d["tokens"] == _ref(runs, "D")
     assert "rejected chunk" in runs["B_log"] and "checksum mismatch" in runs["B_log"]
     assert "Retrieved 64 of 140 tokens" in runs["B_log"]  # chunk 0 loaded, chunk 1 recomputed
-    assert runs["corrupt_key_left"] is False  # the bad chunk was deleted from the pool
+    # the bad chunk was deleted, then stored again from B's recompute: a fresh engine's bytes
+    assert runs["pool_after_B"]["D"][1] != runs["corrupted_D1"]
+    assert runs["pool_after_B"]["D"] == _ref_chunks(runs, "D")
 
 
-def test_negative_control_wrong_kv_would_change_the_output(runs):
-    """Well-formed chunks holding the wrong KV do change the answer: the equality checks above
-    are sensitive, so they would catch a connector that scattered KV to the wrong place."""
-    n = runs["B"][0]["N"][0]
-    assert n["cached"] == 192
-    assert n["tokens"] != _ref(runs, "N")
+def test_failed_loads_store_exactly_what_a_clean_recompute_stores(runs):
+    """A chunk deleted between lookup and load (F) and a load past its deadline (T): outputs are
+    identical, and every chunk the pool holds afterwards — also chunks 3-4, which B computed in the
+    very step whose load failed — is byte for byte what a fresh engine saved for that prompt."""
+    b = runs["B"][0]
+    for name, loaded in (("F", 64), ("T", 0)):
+        assert b[name][0]["tokens"] == _ref(runs, name), name
+        assert f"Retrieved {loaded} of 330 tokens" in runs["B_log"]
+        ref = _ref_chunks(runs, name)
+        assert len(ref) == 5 and None not in ref
+        assert runs["pool_after_B"][name] == ref, name
+    assert "treating as a miss" in runs["B_log"]  # the late answer was a timeout
+
+
+def test_negative_control_the_stored_bytes_check_sees_wrong_kv(runs):
+    """The comparison above can fail: the chunks planted for P_W (P_A's KV under P_W's keys) are
+    well-formed, yet differ from what a fresh engine computed for P_W."""
+    planted, ref = runs["pool_after_B"]["W"], _ref_chunks(runs, "W")
+    assert None not in ref and None not in planted
+    assert all(p != r for p, r in zip(planted, ref, strict=True))
+
+
+def test_negative_control_another_prompts_real_kv_changes_the_output(runs):
+    """Real KV of another prompt, well-formed under this prompt's keys, changes the answer: the
+    equality checks are sensitive enough to catch a connector that loads the wrong chunks."""
+    w = runs["B"][0]["W"][0]
+    assert w["cached"] == 192
+    assert w["tokens"] != _ref(runs, "W")
+
+
+def test_negative_control_block_permuted_kv_changes_the_output(runs):
+    """The right KV with its blocks swapped changes the answer: attention over a fully loaded
+    prefix cannot see the order of its (k, v) pairs, but the last chunk is loaded only up to token
+    224, so its first block holds the other block's keys and values."""
+    p = runs["B"][0]["P"][0]
+    assert p["cached"] == 224
+    assert p["tokens"] != _ref(runs, "P")
+
+
+def test_every_lease_was_released(runs):
+    assert runs["pinned_after_B"] == (0, 0, 0)  # none still pinned, none ended by expiry
 
 
 def test_e_pool_killed_mid_run_requests_still_succeed(runs):

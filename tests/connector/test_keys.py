@@ -65,6 +65,11 @@ def test_tail_does_not_change_full_chunk_keys():
         ("tp_size", 4),
         ("pp_rank", 0),  # placeholder replaced below (pp_size 1 allows only rank 0)
         ("pp_size", 2),
+        ("attn_backend", "FLASHINFER"),
+        ("kv_quant", "fp8 scales digest"),
+        ("kv_dtype", "fp8_e4m3"),
+        ("model_dtype", "float16"),
+        ("config_digest", "rope-scaled"),
     ],
 )
 def test_every_fingerprint_field_changes_every_key(field, value):
@@ -108,6 +113,23 @@ def test_token_ids_and_format_version_matter(monkeypatch):
     before = chunk_keys(FP, TOKENS)
     monkeypatch.setattr(keys_mod, "KEY_FORMAT_VERSION", keys_mod.KEY_FORMAT_VERSION + 1)
     assert set(chunk_keys(FP, TOKENS)).isdisjoint(before)
+
+
+def test_adapter_and_per_chunk_extras_change_exactly_the_keys_they_should():
+    from kvpool.connector.keys import Placeholder, adapter_identity, encode_extras
+
+    plain = chunk_keys(FP, TOKENS)
+    assert chunk_keys(FP, TOKENS, extras=[b""] * 4) == plain  # no extras = empty extras
+    lora = chunk_keys(FP, TOKENS, adapter=adapter_identity("a", b"w" * 32))
+    assert set(lora).isdisjoint(plain)
+    assert chunk_keys(FP, TOKENS, adapter=adapter_identity("a", b"v" * 32))[0] != lora[0]
+    # an input on tokens 20..27 (chunk 1): chunk 0 unchanged, chunks 1.. differ
+    image = encode_extras(4, 16, [Placeholder("img", 20, 8)])
+    keys = chunk_keys(FP, TOKENS, extras=image)
+    assert keys[0] == plain[0] and all(a != b for a, b in zip(keys[1:], plain[1:], strict=True))
+    assert image[2] == image[3] == b""  # later chunks depend on it through the parent only
+    with pytest.raises(ValueError, match="extras"):
+        chunk_keys(FP, TOKENS, extras=[b""] * 3)
 
 
 def test_rejects_out_of_range_token_ids():

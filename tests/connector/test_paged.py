@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvpool.connector.paged import CpuLayout, FlashLayout, kernel_block_ids
+from kvpool.connector.paged import CpuLayout, FlashLayout, MlaLayout, kernel_block_ids
 
 B, H, N, D = 6, 2, 4, 8
 
@@ -77,3 +77,29 @@ def test_scatter_rejects_wrong_token_count():
 def test_kernel_block_ids():
     assert kernel_block_ids([3, 1], 1) == [3, 1]
     assert kernel_block_ids([3, 1], 2) == [6, 7, 2, 3]
+
+
+def test_mla_gather_is_the_latent_row_of_each_token_and_scatter_inverts():
+    latent = 12
+    kv = torch.randn(B, N, latent)  # MLA: one latent row per token, no heads, no K/V split
+    ids = torch.tensor([5, 0, 2])
+    layout = MlaLayout()
+    chunk = layout.gather(kv, ids)
+    assert chunk.shape == (3 * N, latent)
+    for i, blk in enumerate(ids.tolist()):
+        for tok in range(N):
+            assert torch.equal(chunk[i * N + tok], kv[blk, tok])
+    dst = torch.zeros(B, 1, N, latent)  # vLLM's 4-D view of the same cache ([B, 1, N, L])
+    layout.scatter(dst, torch.tensor([1, 3, 4]), chunk)
+    assert torch.equal(dst[[1, 3, 4], 0].reshape(3 * N, latent), chunk)
+    assert torch.count_nonzero(dst[[0, 2, 5]]) == 0
+
+
+def test_fp8_round_trip_is_bytewise():
+    raw = torch.randint(0, 256, (B, H, N, 2 * D), dtype=torch.uint8)  # NaN patterns included
+    kv = raw.view(torch.float8_e4m3fn)
+    ids = torch.tensor([3, 1])
+    for layout in (CpuLayout(), FlashLayout()):
+        dst = torch.zeros_like(kv)
+        layout.scatter(dst, ids, layout.gather(kv, ids))
+        assert torch.equal(dst.view(torch.uint8)[ids], raw[ids])

@@ -136,7 +136,8 @@ def test_pool_lifecycle(k8s: Any, namespace: str, operator: None) -> None:
         )
     assert err.value.status == 422 and "immutable" in err.value.body
 
-    # kubectl scale kvp/e2e --replicas=2
+    # kubectl scale kvp/e2e --replicas=2: the pod template (so every running node) stays as it is.
+    template = apps.read_namespaced_stateful_set("e2e", namespace).spec.template.to_dict()
     api.patch_namespaced_custom_object_scale(
         GROUP, VERSION, namespace, PLURAL, "e2e", {"spec": {"replicas": 2}}
     )
@@ -144,6 +145,7 @@ def test_pool_lifecycle(k8s: Any, namespace: str, operator: None) -> None:
         lambda: apps.read_namespaced_stateful_set("e2e", namespace).spec.replicas == 2,
         message="scaled StatefulSet",
     )
+    assert apps.read_namespaced_stateful_set("e2e", namespace).spec.template.to_dict() == template
 
     api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "e2e")
     wait_for(

@@ -1,4 +1,5 @@
-"""L1 memory tier: LRU order, watermarks, ownership, and the budget under many threads."""
+"""L1 memory tier (the arena-backed LRU): LRU order, watermarks, ownership, and the budget under
+many threads."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from kvpool.cachenode.memory_tier import MemoryTier
+from kvpool.cachenode.tiers.arena_memory import ArenaMemoryTier as MemoryTier
 
 
 def _name() -> str:
@@ -64,16 +65,20 @@ def test_overwrite_replaces_and_adjusts_usage():
     assert tier.delete(b"k") and tier.usage == 0 and not tier.delete(b"k")
 
 
-def test_stores_buffers_as_given_without_copy():
+def test_stores_a_copy_of_foreign_buffers_and_adopts_its_own_ranges():
     tier = MemoryTier(1 << 20, name=_name())
     buf = bytearray(b"abc" * 10)
     arr = np.arange(256, dtype=np.uint8)
     tier.put(b"ba", buf)
     tier.put(b"np", arr)
-    assert tier.get(b"ba") is buf
-    assert tier.get(b"np") is arr
-    assert tier.usage == 30 + 256
-    assert bytes(buf) == b"abc" * 10  # not mutated
+    buf[:3] = b"xyz"  # the caller's buffer stays the caller's: the tier holds its own bytes
+    assert bytes(tier.get(b"ba")) == b"abc" * 10
+    assert bytes(tier.get(b"np")) == arr.tobytes()
+    own = tier.allocate(64)
+    own[:] = 7
+    tier.put(b"own", own)
+    assert tier.get(b"own") is own  # a range from allocate is stored as is, no copy
+    assert tier.usage == 30 + 256 + 64
 
 
 def test_on_evict_gets_the_evicted_pairs():
@@ -83,7 +88,7 @@ def test_on_evict_gets_the_evicted_pairs():
     tier.put(b"a", first)
     tier.put(b"b", bytes(100))
     tier.put(b"c", bytes(100))
-    assert len(seen) == 1 and seen[0][0] == b"a" and seen[0][1] is first
+    assert len(seen) == 1 and seen[0][0] == b"a" and bytes(seen[0][1]) == first
 
 
 def test_rejects_bad_watermarks():

@@ -11,7 +11,8 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "kvcachepools.yaml"
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# The KVCachePool examples (vllm-deployment.yaml is tested through the webhook: tests/webhook).
+EXAMPLES = sorted((ROOT / "examples").glob("pool-*.yaml"))
 
 
 def crd() -> dict[str, Any]:

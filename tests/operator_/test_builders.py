@@ -7,7 +7,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from kvpool.operator import children, kube, servicemonitor, sizing, statefulset, status
+from kvpool.operator import builders, kube, sizing, status
+from kvpool.operator.builders import common, statefulset
 from kvpool.operator.settings import InvalidSpec, parse
 
 K8S = "1.35.0"
@@ -27,7 +28,6 @@ FULL: dict[str, Any] = {
     "replicationFactor": 2,
     "auth": {"tokenSecret": {"name": "tok"}},
     "tls": {"secretName": "tls"},
-    "lookup": {"replicas": 2},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "networkPolicy": {"enabled": True, "clientPodSelector": {"matchLabels": {"app": "vllm"}}},
     "scheduling": {
@@ -43,7 +43,7 @@ FULL: dict[str, Any] = {
 def render(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     s = parse("pool", "ns", spec)
     return {
-        f"{o['kind']}/{o['metadata']['name']}": o for o in children.desired(OWNER, s, service_monitors=True)
+        f"{o['kind']}/{o['metadata']['name']}": o for o in builders.desired(OWNER, s, service_monitors=True)
     }
 
 
@@ -55,15 +55,16 @@ def test_every_child_validates_strictly(spec: dict[str, Any]) -> None:
     for key, obj in objs.items():
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "0b5e-uid", key
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "kvpool", key
-        if obj["apiVersion"] != servicemonitor.API_VERSION:  # not a Kubernetes kind
+        if obj["apiVersion"] != common.SERVICE_MONITOR_API_VERSION:  # not a Kubernetes kind
             kubernetes_validate.validate(obj, K8S, strict=True)
 
 
 def test_full_spec_wires_tiers_secrets_disk_and_scheduling() -> None:
     objs = render(FULL)
     assert set(objs) == {
-        "ConfigMap/pool-kvpool", "Service/pool-nodes", "Service/pool", "StatefulSet/pool", "Deployment/pool-lookup",
-        "Service/pool-lookup", "PodDisruptionBudget/pool", "NetworkPolicy/pool", "ServiceMonitor/pool",
+        "ConfigMap/pool-kvpool", "Service/pool-nodes", "Service/pool", "StatefulSet/pool",
+        "PodDisruptionBudget/pool", "NetworkPolicy/pool", "ServiceMonitor/pool",
+        "Deployment/pool-lookup", "Service/pool-lookup",
     }  # fmt: skip
     sts = objs["StatefulSet/pool"]
     pod = sts["spec"]["template"]["spec"]
@@ -73,7 +74,15 @@ def test_full_spec_wires_tiers_secrets_disk_and_scheduling() -> None:
     assert env["KVPOOL_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "r", "key": "password"}}
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3", "key": "secretAccessKey"}}
     assert env["KVPOOL_AUTH_TOKEN_FILE"] == "/etc/kvpool/auth/token"
+    assert env["KVPOOL_TLS_CERT_FILE"] == "/etc/kvpool/tls/tls.crt"
+    # Identity from the downward API: the pod name (stable) for placement, the pod IP to be dialled at.
+    assert env["KVPOOL_NODE_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["KVPOOL_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert "KVPOOL_POD_IP" not in env
     assert node["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    # Stopping: a preStop pause, then the handoff deadline, then a clean shutdown.
+    assert node["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 15
     claim = sts["spec"]["volumeClaimTemplates"][0]
     assert (
         claim["spec"]["storageClassName"] == "ssd"
@@ -84,11 +93,24 @@ def test_full_spec_wires_tiers_secrets_disk_and_scheduling() -> None:
     assert node["resources"]["limits"]["cpu"] == "4" and node["resources"]["requests"]["cpu"] == "1"
     data = objs["ConfigMap/pool-kvpool"]["data"]
     assert data["KVPOOL_CHUNK_SIZE"] == "512" and data["KVPOOL_REPLICATION_FACTOR"] == "2"
+    assert data["KVPOOL_PEERS"] == "pool-nodes.ns.svc"
+    # TLS: clients get a grpcs:// URL and the path where the CA (by Secret reference) is mounted.
+    assert (
+        data["KVPOOL_URL"] == "grpcs://pool.ns.svc:7400"
+        and data["KVPOOL_TLS_CA_FILE"] == "/etc/kvpool/tls/ca.crt"
+    )
     assert data["KVPOOL_DISK_SIZE"] == str(int(100 * 1024**3 * 0.95) - 64 * 1024**2)
     assert (
         data["KVPOOL_S3_ENDPOINT"] == "http://minio:9000" and data["KVPOOL_REDIS_PREFIX"] == "kvpool:ns:pool:"
     )
-    assert objs["ServiceMonitor/pool"]["metadata"]["labels"]["release"] == "prom"
+    monitor = objs["ServiceMonitor/pool"]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    # It scrapes through the headless Service only: two Services select the nodes, each is scraped once.
+    scraped = [
+        key for key, o in objs.items() if o["kind"] == "Service"
+        and monitor["spec"]["selector"]["matchLabels"].items() <= o["metadata"]["labels"].items()
+    ]  # fmt: skip
+    assert scraped == ["Service/pool-nodes"]
 
 
 def test_memory_limit_is_cache_plus_overhead_and_derivable_from_the_limit() -> None:
@@ -107,7 +129,16 @@ def test_memory_limit_is_cache_plus_overhead_and_derivable_from_the_limit() -> N
         ({"memory": "4GiB", "resources": {"limits": {"memory": "4Gi"}}}, "below spec.memory"),
         ({"resources": {"limits": {"memory": "300Mi"}}}, "leaves no room"),
         ({"chunkSize": 100}, "multiple of 16"),
-        ({"tiers": {"s3": {"url": "http://bucket"}}}, "s3://bucket/prefix"),
+        # Tier URLs are checked by the node's own parsers: what a node refuses, the pool refuses.
+        ({"tiers": {"s3": {"url": "http://bucket"}}}, r"spec.tiers.s3.url: .*must start with s3://"),
+        ({"tiers": {"s3": {"url": "s3://my..bucket/p"}}}, "spec.tiers.s3.url: .*not a valid S3 bucket"),
+        ({"tiers": {"s3": {"url": "s3://bkt/p", "endpoint": "ftp://x"}}}, "spec.tiers.s3.endpoint"),
+        ({"tiers": {"redis": {"url": "http://cache:6379"}}}, "spec.tiers.redis.url: .*scheme"),
+        ({"tiers": {"redis": {"url": "redis://cache:6379/db0"}}}, "database 'db0' must be a number"),
+        ({"memory": "4GB!"}, "spec.memory"),
+        ({"eviction": {"policy": "FIFO"}}, "spec.eviction.policy"),
+        ({"lookup": {"replicas": 2}}, r"spec\.lookup\.replicas .* 0 to 1"),
+        ({"handoffDeadlineSeconds": 7200}, "handoffDeadlineSeconds"),
         ({"eviction": {"highWatermark": 0.5, "lowWatermark": 0.6}}, "lowWatermark < highWatermark"),
         ({"disk": {"size": "10Mi"}}, "too small"),
         ({"resources": {"limits": {"cpu": "1"}, "requests": {"cpu": "2"}}}, "exceeds"),
@@ -119,18 +150,18 @@ def test_invalid_specs_say_what_to_fix(spec: dict[str, Any], message: str) -> No
 
 
 def test_disk_change_on_a_running_pool_is_refused() -> None:
-    running = statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "10Gi"}}))
+    running = statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "10Gi"}}), "h")
     assert (
         statefulset.immutable_change(
-            running, statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "10Gi"}}))
+            running, statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "10Gi"}}), "h")
         )
         is None
     )
     assert "cannot change" in statefulset.immutable_change(
-        running, statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "20Gi"}}))
+        running, statefulset.build(OWNER, parse("pool", "ns", {"disk": {"size": "20Gi"}}), "h")
     )
     assert "cannot change" in statefulset.immutable_change(
-        running, statefulset.build(OWNER, parse("pool", "ns", {}))
+        running, statefulset.build(OWNER, parse("pool", "ns", {}), "h")
     )
 
 

@@ -1,4 +1,8 @@
-"""`kvpool operator` as its own process, as in a Deployment: kubeconfig login, health port, reconcile."""
+"""`kvpool operator` as its own process, as in a Deployment: kubeconfig login, health port, reconcile.
+
+Started the way docs/operator.md tells a new user to (`kvpool operator --all-namespaces`, one
+replica, no kopf peering CRDs installed): it must run standalone and say what it is doing.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +28,33 @@ def test_peering_crds_validate() -> None:
         kubernetes_validate.validate(doc, "1.35.0", strict=True)
 
 
+@pytest.mark.parametrize(
+    ("peering_installed", "says"),
+    [
+        (False, "No kopf.dev peering CRDs: running standalone"),
+        (True, "Peering through ClusterKopfPeering 'kvpool-operator'"),
+    ],
+)
 @pytest.mark.asyncio
-async def test_operator_command_reconciles_and_serves_health(tmp_path: pathlib.Path) -> None:
+async def test_operator_command_reconciles_and_serves_health(
+    tmp_path: pathlib.Path, peering_installed: bool, says: str
+) -> None:
     async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
         _declare_resources(emulator, service_monitors=False)
         url = str(server.url).rstrip("/")
+        if peering_installed:  # the CRDs of crds/kopf-peerings.yaml and the peering object
+            for plural, kind, namespaced in (
+                ("kopfpeerings", "KopfPeering", True),
+                ("clusterkopfpeerings", "ClusterKopfPeering", False),
+            ):
+                emulator.resources[f"kopf.dev/v1/{plural}"] = kmock.ResourceInfo(
+                    kind=kind, namespaced=namespaced, verbs={"get", "list", "watch", "patch", "create"}
+                )  # fmt: skip
+            async with aiohttp.ClientSession(base_url=url) as session:
+                peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                           "metadata": {"name": "kvpool-operator", "resourceVersion": "1"}}  # fmt: skip
+                async with session.post("/apis/kopf.dev/v1/clusterkopfpeerings", json=peering) as r:
+                    assert r.status < 300, await r.text()
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "k",
@@ -37,15 +63,23 @@ async def test_operator_command_reconciles_and_serves_health(tmp_path: pathlib.P
             "contexts": [{"name": "k", "context": {"cluster": "k", "user": "k"}}],
         }))  # fmt: skip
         port = free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(kubeconfig),
-            "KVPOOL_NAMESPACE": NS,
-            "KVPOOL_STANDALONE": "true",
-        }
-        env.pop("KUBERNETES_SERVICE_HOST", None)
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        for name in ("KUBERNETES_SERVICE_HOST", "KVPOOL_NAMESPACE", "KVPOOL_STANDALONE"):
+            env.pop(name, None)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvpool.cli.main", "operator", "--health-port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "kvpool.cli.main",
+                "operator",
+                "--all-namespaces",
+                "--health-port",
+                str(port),
+                "--webhook-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -70,4 +104,8 @@ async def test_operator_command_reconciles_and_serves_health(tmp_path: pathlib.P
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, _ = proc.communicate()
-        assert b"Traceback" not in out, out.decode(errors="replace")[-3000:]
+        text = out.decode(errors="replace")
+        assert "Traceback" not in text, text[-3000:]
+        assert "watching KVCachePools in all namespaces" in text, text[-3000:]
+        assert says in text, text[-3000:]
+        assert f"Reconciled {NS}/p1" in text, text[-3000:]

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kvpool.operator import children, settings
+from kvpool.operator import builders, settings
 
 from .schema_tools import EXAMPLES, apply_defaults, crd, schema, validate, walk
 
@@ -70,7 +70,7 @@ def test_example_validates_and_renders(path: Any) -> None:
     validate(example)
     spec = apply_defaults(schema(), example)["spec"]
     s = settings.parse(example["metadata"]["name"], "ns", spec)
-    for obj in children.desired(
+    for obj in builders.desired(
         {**OWNER, "metadata": {**OWNER["metadata"], "name": s.name}}, s, service_monitors=False
     ):
         kubernetes_validate.validate(obj, K8S, strict=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import kmock
 import pytest
 
-from kvpool.operator import rbac
+from kvpool.operator import handlers, rbac
 
 from .conftest import NS, POOLS, Cluster
 
@@ -22,9 +23,7 @@ CHILDREN = [
     (CM, "p1-kvpool"),
     (SVC, "p1-nodes"),
     (SVC, "p1"),
-    (SVC, "p1-lookup"),
     (STS, "p1"),
-    (DEPLOY, "p1-lookup"),
     (PDB, "p1"),
 ]
 
@@ -75,12 +74,29 @@ async def test_create_makes_owned_children_and_status(cluster: Cluster) -> None:
     sts = cluster.get(STS, "p1")
     assert sts["spec"]["replicas"] == 2
     node = sts["spec"]["template"]["spec"]["containers"][0]
+    # The node's flags: ports as arguments, identity from the downward API, peers from the ConfigMap.
+    assert node["command"] == ["kvpool", "node"]
+    assert node["args"] == ["--port", "7400", "--http-port", "7401", "--data-port", "7402"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in node["env"]}
+    assert env["KVPOOL_NODE_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["KVPOOL_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert node["envFrom"] == [{"configMapRef": {"name": "p1-kvpool"}}]
     # 1 GiB cache + 256 MiB base + 4 x 64 MiB buffers + 1/64 index = 1552 MiB, request = limit.
     assert node["resources"]["limits"]["memory"] == node["resources"]["requests"]["memory"] == "1552Mi"
     assert node["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": "HTTP"}
     cm = cluster.get(CM, "p1-kvpool")
     assert cm["data"]["KVPOOL_MEMORY"] == str(1024**3)
     assert cm["data"]["KVPOOL_CHUNK_SIZE"] == "256"
+    assert cm["data"]["KVPOOL_PEERS"] == f"p1-nodes.{NS}.svc"
+    assert cm["data"]["KVPOOL_URL"] == f"grpc://p1.{NS}.svc:7400"
+    # The lookup service, one replica by default: replaced with Recreate, ready once rebuilt, its
+    # Service reachable before that (holders resync to it, which is what makes it ready).
+    lookup = cluster.get(DEPLOY, "p1-lookup")
+    assert lookup["spec"]["replicas"] == 1 and lookup["spec"]["strategy"] == {"type": "Recreate"}
+    (lc,) = lookup["spec"]["template"]["spec"]["containers"]
+    assert lc["command"] == ["kvpool", "lookup"] and "envFrom" not in lc
+    assert lc["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert cluster.get(SVC, "p1-lookup")["spec"]["publishNotReadyAddresses"] is True
     pool = await settled(cluster)
     st = pool["status"]
     assert st["phase"] == "Pending" and st["readyReplicas"] == 0
@@ -179,21 +195,50 @@ async def test_invalid_spec_sets_condition_and_keeps_children(cluster: Cluster) 
 
 
 @pytest.mark.asyncio
-async def test_scale_subresource_sets_statefulset_replicas(cluster: Cluster) -> None:
-    await cluster.create_pool("p1", {"replicas": 2})
+async def test_scale_sets_replicas_and_keeps_the_pod_template(cluster: Cluster) -> None:
+    """Scaling must not restart the nodes: the template (and the ConfigMap its hash digests) stay."""
+    await cluster.create_pool("p1", {"replicas": 1, "replicationFactor": 2})
     await settled(cluster)
-    # What `kubectl scale kvp/p1 --replicas=5` sends (a real server also bumps the generation).
-    cluster.generations["p1"] += 1
-    await cluster.patch(
-        f"/apis/kvpool.io/v1alpha1/namespaces/{NS}/kvcachepools/p1/scale",
-        {"metadata": {"generation": cluster.generations["p1"]}, "spec": {"replicas": 5}},
-    )
-    await cluster.wait_for(
-        lambda: cluster.get(STS, "p1")["spec"]["replicas"] == 5, message="StatefulSet scaled"
-    )
-    pool = await settled(cluster, generation=2)
-    assert len(pool["status"]["endpoints"]["nodes"]) == 5
-    assert cluster.get(CM, "p1-kvpool")["data"]["KVPOOL_NODES"].count("p1-nodes") == 5
+    template = cluster.get(STS, "p1")["spec"]["template"]
+    config = cluster.get(CM, "p1-kvpool")["data"]
+    config_versions = cluster.versions(CM, "p1-kvpool")
+    for generation, replicas in ((2, 5), (3, 2)):
+        # What `kubectl scale kvp/p1 --replicas=N` sends (a real server also bumps the generation).
+        cluster.generations["p1"] += 1
+        await cluster.patch(
+            f"/apis/kvpool.io/v1alpha1/namespaces/{NS}/kvcachepools/p1/scale",
+            {"metadata": {"generation": cluster.generations["p1"]}, "spec": {"replicas": replicas}},
+        )
+        pool = await settled(cluster, generation=generation)
+        sts = cluster.get(STS, "p1")
+        assert sts["spec"]["replicas"] == replicas
+        assert sts["spec"]["template"] == template
+        assert cluster.get(CM, "p1-kvpool")["data"] == config
+        assert len(pool["status"]["endpoints"]["nodes"]) == replicas
+        assert pool["status"]["hashing"]["replicationFactor"] == min(2, replicas)
+    assert cluster.versions(CM, "p1-kvpool") == config_versions
+
+
+@pytest.mark.asyncio
+async def test_status_reports_a_generation_only_once_its_children_are_applied(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kopf runs the status timer beside the change handler; a slow reconcile must not let the timer
+    report the new generation (tests and users take observedGeneration as "applied")."""
+    reconcile = handlers.reconcile
+
+    def slow(body: Any, patch: Any, logger: Any) -> Any:
+        if body["metadata"].get("generation") == 2:
+            time.sleep(1.0)  # several status-timer periods (0.3 s here)
+        return reconcile(body, patch, logger)
+
+    monkeypatch.setattr(handlers, "reconcile", slow)
+    await cluster.create_pool("p1", {"replicas": 1})
+    await settled(cluster)
+    assert cluster.get(PDB, "p1") is not None
+    await cluster.patch_pool_spec("p1", {"podDisruptionBudget": {"enabled": False}})
+    await settled(cluster, generation=2)
+    assert cluster.get(PDB, "p1") is None
 
 
 @pytest.mark.asyncio
@@ -205,9 +250,6 @@ async def test_status_follows_the_statefulset(cluster: Cluster) -> None:
     await cluster.patch(
         sts_url, {"status": {"replicas": 3, "readyReplicas": 1, "updatedReplicas": 3, "currentReplicas": 3}}
     )
-    await cluster.patch(
-        f"/apis/apps/v1/namespaces/{NS}/deployments/p1-lookup", {"status": {"readyReplicas": 1}}
-    )
     pool = await cluster.wait_for(
         lambda: (p := cluster.get(POOLS, "p1"))["status"]["readyReplicas"] == 1 and p
     )
@@ -215,6 +257,10 @@ async def test_status_follows_the_statefulset(cluster: Cluster) -> None:
     assert condition(pool, "Available")["status"] == "True"
     assert condition(pool, "Degraded")["status"] == "True"
     await cluster.patch(sts_url, {"status": {"readyReplicas": 3}})
+    await cluster.patch(  # and the Deployment controller: the lookup service rebuilt its index
+        f"/apis/apps/v1/namespaces/{NS}/deployments/p1-lookup",
+        {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "availableReplicas": 1}},
+    )
     pool = await cluster.wait_for(
         lambda: (p := cluster.get(POOLS, "p1"))["status"]["phase"] == "Running" and p
     )
@@ -269,3 +315,20 @@ async def test_service_monitor_only_where_served_and_rbac_covers_every_call(clus
     assert ("monitoring.coreos.com", "servicemonitors", None, "delete") in calls
     uncovered = {call for call in calls if not rbac.allows(*call)}
     assert uncovered == set()
+
+
+@pytest.mark.asyncio
+async def test_a_child_the_api_server_refuses_reaches_the_status(cluster: Cluster) -> None:
+    refusal = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+               "message": 'poddisruptionbudgets.policy is forbidden: User "kvpool" cannot create resource'}  # fmt: skip
+    cluster.emulator["post", f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets"] << 403 << refusal
+    await cluster.create_pool("p1", {"replicas": 2, "memory": "1GiB"})
+    pool = await cluster.wait_for(
+        lambda: (p := cluster.get(POOLS, "p1")) and condition(p, "Degraded") and p, message="Degraded"
+    )
+    cond = condition(pool, "Degraded")
+    assert cond["status"] == "True" and cond["reason"] == "ApplyFailed" and cond["lastTransitionTime"]
+    assert "PodDisruptionBudget/p1" in cond["message"] and "403" in cond["message"]
+    assert "cannot create resource" in cond["message"]
+    assert pool["status"]["phase"] == "Degraded" and "observedGeneration" not in pool["status"]
+    assert cluster.get(STS, "p1") is not None  # the other children were applied

@@ -33,4 +33,5 @@ def test_bench_node_json_contract():
             "ratio_get_vs_valkey",
         ):
             assert figures[f"{key}_{size}"] > 0, key
+    assert figures["malloc_tuning"] is False  # the connector's path needs none
     assert "run 1/1" in result.stderr  # progress goes to stderr, not stdout

@@ -29,6 +29,10 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["--redis-url", "http://cache:6379"], "--redis-url"),
         (["--s3-url", "bucket-without-scheme"], "s3"),
         (["--low-watermark", "0.99"], "watermarks"),
+        (["--peers", "grpc://node-1:99999"], "--peers"),
+        (["--peers", "http://node-1:7400"], "--peers"),
+        (["--replication-factor", "0"], "--replication-factor"),
+        (["--handoff-deadline", "-1"], "--handoff-deadline"),
     ],
 )
 @pytest.mark.parametrize("command", ["node", "up"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpool.cachenode.shared_config import SharedTiersConfig
+from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
 from kvpool.cli.local_servers import free_port, valkey_server_binary, wait_port
 
 

@@ -9,11 +9,11 @@ import threading
 import time
 
 from kvpool.cachenode import metrics
-from kvpool.cachenode.breaker import State
-from kvpool.cachenode.redis_tier import RedisTier
-from kvpool.cachenode.s3_tier import S3Tier
-from kvpool.cachenode.shared_config import SharedTiersConfig
-from kvpool.cachenode.store import TieredStore
+from kvpool.cachenode.tiers.breaker import State
+from kvpool.cachenode.tiers.redis import RedisTier
+from kvpool.cachenode.tiers.s3 import S3Tier
+from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
+from kvpool.cachenode.tiers.store import TieredStore
 
 MiB = 1024 * 1024
 

@@ -8,11 +8,11 @@ import time
 import pytest
 
 from kvpool.cachenode import metrics
-from kvpool.cachenode.background import Skipped, WriteBehindQueue, stable_bytes
-from kvpool.cachenode.breaker import CircuitBreaker, State
-from kvpool.cachenode.redis_tier import Manifest, part_count, split_value
-from kvpool.cachenode.s3_tier import ranges
-from kvpool.cachenode.shared_config import SharedTiersConfig, parse_redis_url, parse_s3_url, parse_ttl
+from kvpool.cachenode.tiers.background import Skipped, WriteBehindQueue, stable_bytes
+from kvpool.cachenode.tiers.breaker import CircuitBreaker, State
+from kvpool.cachenode.tiers.redis import Manifest, part_count, split_value
+from kvpool.cachenode.tiers.s3 import ranges
+from kvpool.cachenode.tiers.shared_config import SharedTiersConfig, parse_redis_url, parse_s3_url, parse_ttl
 
 # -- breaker ----------------------------------------------------------------------------------------
 
@@ -177,7 +177,7 @@ def test_click_options_read_env(monkeypatch):
     import click
     from click.testing import CliRunner
 
-    from kvpool.cachenode.shared_config import shared_tier_options
+    from kvpool.cli.node_options import shared_tier_options
 
     @click.command()
     @shared_tier_options

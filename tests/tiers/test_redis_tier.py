@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from kvpool.cachenode import metrics, record
-from kvpool.cachenode.redis_tier import MANIFEST_MAGIC, Manifest, RedisTier
-from kvpool.cachenode.shared_config import SharedTiersConfig
+from kvpool.cachenode import metrics
+from kvpool.cachenode.tiers import record
+from kvpool.cachenode.tiers.redis import MANIFEST_MAGIC, Manifest, RedisTier
+from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
 
 MiB = 1024 * 1024
 
@@ -200,6 +201,37 @@ def test_corrupt_multipart_records(server, closing, case):
     assert c.get(tier.head_key(b"victim")) is None
     if case != "forged_manifest":
         assert c.keys(tier.cfg.prefix + b"p:*") == []  # its parts went with it
+
+
+@pytest.mark.parametrize("case", ["absurd", "over_max_value", "huge_parts"])
+def test_manifest_sizes_are_bounded_before_allocating(valkey_server, closing, case):
+    """A stored manifest is input: a record size it claims is checked before a byte is allocated
+    (512 GiB here would raise MemoryError or swap the machine if it were believed)."""
+    tier = make_tier(valkey_server.url, closing)
+    tier.max_record_size = record.HEADER_SIZE + record.MAX_KEY_SIZE + 2 * MiB  # --max-value-size 2MiB
+    c = valkey_server.client()
+    value = os.urandom(3 * MiB)
+    header = record.encode_header(b"victim", value)
+    if case == "absurd":  # consistent layout, 65535 parts of 8 MiB
+        size = len(header) + 65535 * 8 * MiB
+        forged = Manifest(65535, 8 * MiB, size, b"g" * 8, header)
+    elif case == "over_max_value":  # a real 3 MiB record, over this node's 2 MiB limit
+        forged = Manifest(3, MiB, len(header) + len(value), b"g" * 8, header)
+    else:  # parts larger than any Redis part may be
+        forged = Manifest(1, 64 * MiB, len(header) + 60 * MiB, b"g" * 8, header)
+    # the record header must match the claimed size for the layout checks to get this far
+    rh = record.decode_header(header)
+    patched = record.HEADER.pack(
+        record.MAGIC, record.VERSION, 0, rh.key_len, forged.record_size - len(header), 0
+    )
+    forged = Manifest(
+        forged.parts, forged.part_size, forged.record_size, forged.generation, patched + b"victim"
+    )
+    c.set(tier.head_key(b"victim"), forged.encode())
+    corrupt = counter(metrics.TIER_CORRUPT, "redis")
+    assert tier.get_many([b"victim"]) == [None]
+    assert counter(metrics.TIER_CORRUPT, "redis") == corrupt + 1
+    assert c.get(tier.head_key(b"victim")) is None
 
 
 def test_get_many_mixes_hits_misses_and_corrupt_in_one_batch(valkey_server, closing):

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from kvpool.cachenode import metrics, record
-from kvpool.cachenode.s3_tier import S3Tier
-from kvpool.cachenode.shared_config import SharedTiersConfig
+from kvpool.cachenode import metrics
+from kvpool.cachenode.tiers import record
+from kvpool.cachenode.tiers.s3 import S3Tier
+from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
 
 MiB = 1024 * 1024
 

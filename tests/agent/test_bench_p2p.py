@@ -1,0 +1,20 @@
+"""`kvpool bench p2p --json` runs end to end (small) and its last line carries every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_p2p_json_contract() -> None:
+    cmd = [sys.executable, "-P", "-m", "kvpool.cli.main", "bench", "p2p", "--runs", "1", "--total", "8",
+           "--chunk", "1", "--batch", "4", "--json"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("p2p_fetch_gbps", "baseline_node_fetch_gbps", "arena_read_gbps", "ratio_p2p_vs_node"):
+        assert figures[key] > 0, key
+        assert figures[f"spread_{key}"]["min"] <= figures[key] <= figures[f"spread_{key}"]["max"], key
+    assert figures["mib_per_side_per_run"] == 8 and figures["chunk_mib"] == 1
+    assert "run 1/1" in result.stderr

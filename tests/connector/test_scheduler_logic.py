@@ -1,0 +1,386 @@
+"""The scheduler side's decisions, step by step, with vLLM's own config, request and scheduler
+output objects and an in-process embedded pool; no engine.
+
+The engine tests show the outcome on one worker; this file drives what a tensor-parallel engine
+of two workers would send: each worker's per-step report, aggregated the way vLLM's
+KVOutputAggregator does (``KVConnectorWorkerMetadata.aggregate``) before the scheduler sees it.
+The only stand-in is the scheduler's block table (``get_block_ids``), which the connector reads.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from vllm import SamplingParams
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.outputs import KVConnectorOutput
+from vllm.v1.request import Request
+
+from kvpool.connector import metrics
+from kvpool.connector.backend import open_pool
+
+from .enginetools import ids
+
+C, BS = 64, 32
+
+
+class BlockTable:
+    """Stands in for vLLM's KVCacheManager.get_block_ids: request → its blocks (one group)."""
+
+    block_pool = None
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, list[int]] = {}
+        self._next = 0
+
+    def alloc(self, req_id: str, n_tokens: int) -> None:
+        n = -(-n_tokens // BS)
+        self.blocks[req_id] = list(range(self._next, self._next + n))
+        self._next += n
+
+    def get_block_ids(self, req_id: str):
+        return (self.blocks[req_id],)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvpool.connector.tinymodel import ensure_tiny_model
+
+    model = str(ensure_tiny_model(tmp_path_factory.mktemp("m") / "tiny-llama"))
+
+    def make(tp: int, **extra):
+        engine_id = f"unit-{uuid.uuid4().hex[:8]}"
+        kv = KVTransferConfig(
+            kv_connector="KVPoolConnector", kv_connector_module_path="kvpool.connector.vllm",
+            kv_role="kv_both", engine_id=engine_id, kv_connector_extra_config={"chunk_size": C, **extra},
+        )  # fmt: skip
+        args = EngineArgs(
+            model=model, block_size=BS, max_model_len=2048, dtype="bfloat16", enforce_eager=True,
+            tensor_parallel_size=tp, enable_prefix_caching=False, kv_transfer_config=kv,
+        )  # fmt: skip
+        return args.create_engine_config()
+
+    return make
+
+
+def _report(tp_rank: int, **kw):
+    from kvpool.connector.vllm import WorkerReport
+
+    fields = dict(
+        tp_rank=tp_rank, pp_rank=0, refusals=[], backend="CPU_ATTN", layout="cpu",
+        view_dtype="bfloat16", kv_quant="none", num_layers=2, num_kv_heads=1, head_dim=32,
+    )  # fmt: skip
+    return WorkerReport(**{**fields, **kw})
+
+
+class Harness:
+    """A TP=2 scheduler-side connector on an embedded pool, and a minimal scheduler around it."""
+
+    def __init__(self, config, **extra) -> None:
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+        from kvpool.connector.vllm import KVPoolConnector
+
+        cfg = config(2, memory="64MiB", **extra)
+        self.pool = open_pool(
+            None, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0, timeout_s=2,
+            engine_id=cfg.kv_transfer_config.engine_id,
+        )  # fmt: skip
+        self.conn = KVPoolConnector(cfg, KVConnectorRole.SCHEDULER)
+        self.conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0), (0, 1): _report(1)})
+        self.table = BlockTable()
+        self.conn.bind_kv_cache_manager(self.table)
+        self.requests: dict[str, Request] = {}
+
+    def request(self, req_id: str, tokens: list[int], **kw) -> Request:
+        r = Request(req_id, tokens, SamplingParams(max_tokens=8), None, **kw)
+        self.requests[req_id] = r
+        return r
+
+    def lookup(self, r: Request, computed: int = 0) -> tuple[int, bool]:
+        """get_num_new_matched_tokens as vLLM's scheduler calls it: again in a later step while
+        the answer is not known (None)."""
+        for _ in range(1000):
+            ext, load_async = self.conn.get_num_new_matched_tokens(r, computed)
+            if ext is not None:
+                return ext, load_async
+            time.sleep(0.001)
+        raise AssertionError("the lookup never answered")
+
+    def admit(self, r: Request) -> int:
+        """What the scheduler does for a waiting request: lookup, allocate, count external tokens."""
+        ext, _ = self.lookup(r)
+        self.table.alloc(r.request_id, r.num_prompt_tokens + 8)
+        self.conn.update_state_after_alloc(r, None, ext)
+        r.num_computed_tokens = ext
+        return ext
+
+    def step(self, new=(), running=(), preempted=()):
+        """One scheduling step: ``new`` = [(request, tokens)], ``running`` = [(request, tokens)]."""
+        out = SchedulerOutput.make_empty()
+        out.scheduled_new_reqs = [
+            NewRequestData.from_request(r, (self.table.blocks[r.request_id],)) for r, _ in new
+        ]
+        cached = CachedRequestData.make_empty()
+        cached.req_ids = [r.request_id for r, _ in running]
+        cached.num_computed_tokens = [r.num_computed_tokens for r, _ in running]
+        cached.num_output_tokens = [0 for _ in running]
+        cached.new_block_ids = [None for _ in running]
+        out.scheduled_cached_reqs = cached
+        out.num_scheduled_tokens = {r.request_id: n for r, n in [*new, *running]}
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        out.preempted_req_ids = set(preempted)
+        meta = self.conn.build_connector_meta(out)
+        for r, n in [*new, *running]:
+            r.num_computed_tokens += n
+        return meta
+
+    def output(self, meta, failed_by_rank=({}, {}), finished_recving=None):
+        """Both workers' reports for ``meta``'s step, aggregated as vLLM does, then seen by the
+        scheduler. ``failed_by_rank[r]`` = {request: first chunk that failed on worker r};
+        ``finished_recving``: background loads every worker reported done."""
+        from kvpool.connector.vllm import KVPoolWorkerMeta
+
+        reports = [KVPoolWorkerMeta(step=meta.step, failed=dict(f)) for f in failed_by_rank]
+        agg = reports[0]
+        for other in reports[1:]:
+            agg = agg.aggregate(other)
+        self.conn.update_connector_output(
+            KVConnectorOutput(kv_connector_worker_meta=agg, finished_recving=finished_recving)
+        )
+
+
+def _saved(meta, req_id: str) -> list[int]:
+    """Chunk indices ``meta`` tells the workers to store for a request."""
+    return [t.first_chunk + i for t in meta.saves if t.req_id == req_id for i in range(len(t.keys[0]))]
+
+
+def _put_chunks(h: Harness, r: Request, n: int) -> None:
+    """Chunks [0, n) of ``r`` for both ranks, as a previous engine would have stored them."""
+    st = h.conn._state(r)
+    h.pool.put_many([(st.keys[rank][i], b"kv") for i in range(n) for rank in (0, 1)])
+
+
+def test_chunks_are_stored_only_after_every_worker_reported_their_step(config):
+    h = Harness(config)
+    r = h.request("plain", ids(330, 1))
+    assert h.admit(r) == 0
+    m1 = h.step(new=[(r, 330)])
+    assert _saved(m1, "plain") == []  # computed in this step: not confirmed yet
+    m2 = h.step(running=[(r, 1)])
+    assert _saved(m2, "plain") == []  # step 1's output not seen yet
+    h.output(m1)
+    m3 = h.step(running=[(r, 1)])
+    assert _saved(m3, "plain") == [0, 1, 2, 3, 4]
+    assert set(m3.saves[0].keys) == {0, 1}  # each rank stores its own shard
+    assert m3.saves[0].keys[0] != m3.saves[0].keys[1]
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_load_that_failed_on_one_rank_stores_nothing_of_that_step_on_any_rank(config, failing_rank):
+    """The pool holds chunks 0-2 of a 5-chunk prompt; the load fails at chunk 1 on one worker
+    only. The step also completed chunks 3-4 — over the missing KV — and none of them is stored,
+    by either rank; after vLLM recomputed from chunk 1, chunks 1-4 are stored."""
+    h = Harness(config)
+    r = h.request("tp", ids(330, 2))
+    _put_chunks(h, r, 3)
+    assert h.admit(r) == 192
+    m1 = h.step(new=[(r, 330 - 192)])
+    (load,) = m1.loads
+    assert (load.start_token, load.end_token, load.first_chunk) == (0, 192, 0)
+    failed = [{}, {}]
+    failed[failing_rank] = {"tp": 1}
+    h.output(m1, failed)
+    r.num_computed_tokens = 64  # what vLLM's scheduler does with the failed blocks: recompute
+    m2 = h.step(running=[(r, 330 - 64)])
+    assert _saved(m2, "tp") == []  # nothing from the failed step, on any rank
+    h.output(m2)
+    m3 = h.step(running=[(r, 1)])
+    assert _saved(m3, "tp") == [1, 2, 3, 4]
+    assert metrics.STATS.totals["unsaved_tokens"] >= 2 * C
+
+
+def test_negative_control_without_a_failure_the_same_step_is_stored(config):
+    """The same schedule with both workers loading fine: chunks 3-4 are stored right after the
+    step's output, so the test above would catch a connector that ignored one rank's failure."""
+    h = Harness(config)
+    r = h.request("ok", ids(330, 2))
+    _put_chunks(h, r, 3)
+    h.admit(r)
+    m1 = h.step(new=[(r, 330 - 192)])
+    h.output(m1)
+    m2 = h.step(running=[(r, 1)])
+    assert _saved(m2, "ok") == [3, 4]
+
+
+def test_the_lookup_pins_what_it_found_until_the_workers_release_their_keys(config):
+    h = Harness(config)
+    store = h.pool.pool._store
+    r = h.request("lease", ids(330, 3))
+    _put_chunks(h, r, 3)
+    h.admit(r)
+    assert store.stats()["pinned_bytes"] == 6 * 2  # 3 chunks x 2 ranks of b"kv"
+    (load,) = h.step(new=[(r, 138)]).loads
+    assert load.lease_id > 0 and [len(load.lease_keys[k]) for k in (0, 1)] == [3, 3]
+    h.pool.release(load.lease_id, load.lease_keys[0])  # worker 0 has read its shards
+    assert store.stats()["pinned_bytes"] == 6
+    h.pool.release(load.lease_id, load.lease_keys[1])
+    assert store.stats()["pinned_bytes"] == 0 and store.stats()["leases"] == 0
+
+
+def test_a_lookup_that_will_not_be_loaded_releases_its_pins_at_once(config):
+    h = Harness(config)
+    store = h.pool.pool._store
+    r = h.request("local", ids(330, 4))
+    _put_chunks(h, r, 3)
+    ext, _ = h.lookup(r, 192)  # vLLM's own prefix cache had it all
+    assert ext == 0
+    assert store.stats()["pinned_bytes"] == 0
+
+
+def test_a_finished_request_keeps_its_blocks_until_its_chunks_are_stored(config):
+    h = Harness(config)
+    r = h.request("short", ids(200, 5))
+    h.admit(r)
+    m1 = h.step(new=[(r, 200)])
+    delay, _ = h.conn.request_finished(r, h.table.blocks["short"])  # max_tokens reached at once
+    assert delay is True
+    h.output(m1)
+    m2 = h.step()
+    assert _saved(m2, "short") == [0, 1, 2] and m2.released == ["short"]
+    # a finished request whose step failed is released without storing anything
+    f = h.request("short-fail", ids(200, 6))
+    h.admit(f)
+    m3 = h.step(new=[(f, 200)])
+    assert h.conn.request_finished(f, h.table.blocks["short-fail"])[0] is True
+    h.output(m3, ({"short-fail": 0}, {}))
+    m4 = h.step()
+    assert _saved(m4, "short-fail") == [] and m4.released == ["short-fail"]
+
+
+def test_a_preempted_request_stores_nothing_it_computed_before(config):
+    h = Harness(config)
+    r = h.request("pre", ids(200, 7))
+    h.admit(r)
+    m1 = h.step(new=[(r, 200)])
+    h.output(m1)
+    m2 = h.step(preempted=["pre"])  # its blocks may already be another request's
+    assert _saved(m2, "pre") == []
+
+
+def test_requests_that_cannot_be_keyed_are_neither_loaded_nor_stored(config):
+    h = Harness(config)
+    tokens = ids(330, 8)
+    plain = h.request("plain-twin", tokens)
+    _put_chunks(h, plain, 5)
+    before = metrics.STATS.totals["refused_requests"]
+    image = MultiModalFeatureSpec(
+        data=None, modality="image", identifier="", mm_position=PlaceholderRange(0, 100)
+    )
+    r = h.request("no-id", tokens, mm_features=[image])
+    assert h.admit(r) == 0  # the same tokens are in the pool; still no load
+    m1 = h.step(new=[(r, 330)])
+    h.output(m1)
+    m2 = h.step(running=[(r, 1)])
+    assert m1.loads == [] and _saved(m2, "no-id") == []
+    assert metrics.STATS.totals["refused_requests"] - before == 1
+
+
+def test_the_cache_stays_off_until_every_worker_has_reported(config):
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvpool.connector.vllm import KVPoolConnector
+
+    conn = KVPoolConnector(config(2), KVConnectorRole.SCHEDULER)
+    r = Request("x", ids(330, 9), SamplingParams(max_tokens=1), None)
+    assert conn.get_num_new_matched_tokens(r, 0) == (0, False)  # no report yet
+    conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0)})  # worker 1 missing
+    assert conn._enabled is False
+    conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0), (0, 1): _report(1, refusals=["MLA"])})
+    assert conn._enabled is False
+    conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0), (0, 1): _report(1)})
+    assert conn._enabled is True
+
+
+def test_a_worker_that_cannot_tell_its_rank_turns_the_cache_off(config):
+    """Outside a distributed group (no TP/PP rank to ask), the worker never assumes rank 0."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvpool.connector.vllm import KVPoolConnector
+
+    conn = KVPoolConnector(config(2), KVConnectorRole.WORKER)
+    assert any("rank is unknown" in r for r in conn._refusals)
+    assert conn._pool.pool is None  # no pool opened, nothing loaded or stored
+
+
+def test_background_loads_go_out_before_the_request_is_scheduled_and_failures_still_roll_back(config):
+    """load_async: the hit is loaded while the request waits (vLLM's WAITING_FOR_REMOTE_KVS); the
+    load fails at chunk 1 on one rank. Nothing of chunks 1-4 counts as saved: once vLLM computed
+    them (after the load was reported finished), they are stored."""
+    h = Harness(config, load_async="true")
+    r = h.request("bg", ids(330, 12))
+    _put_chunks(h, r, 3)
+    ext, load_async = h.lookup(r)
+    assert (ext, load_async) == (192, True)
+    h.table.alloc("bg", 330 + 8)
+    h.conn.update_state_after_alloc(r, None, ext)
+    m1 = h.step()  # the request is not scheduled: it waits for its load
+    (load,) = m1.loads
+    assert load.background and (load.start_token, load.end_token) == (0, 192) and load.lease_id
+    assert m1.idle
+    h.output(m1, ({}, {"bg": 1}), finished_recving={"bg"})
+    h.conn.update_state_after_alloc(r, None, 0)  # vLLM allocates again once the load is done
+    r.num_computed_tokens = 64  # vLLM truncated the hit at the first failed block
+    m2 = h.step(new=[(r, 330 - 64)])
+    assert m2.loads == [] and _saved(m2, "bg") == []
+    h.output(m2)
+    m3 = h.step(running=[(r, 1)])
+    assert _saved(m3, "bg") == [1, 2, 3, 4]
+
+
+def test_a_request_aborted_during_its_background_load_leaves_the_blocks_to_vllm(config):
+    """vLLM frees a request's blocks once its load is reported finished; the connector must not
+    also hold them for a save (two owners of one free)."""
+    h = Harness(config, load_async="true")
+    r = h.request("abort", ids(330, 13))
+    _put_chunks(h, r, 3)
+    ext, _ = h.lookup(r)
+    h.table.alloc("abort", 338)
+    h.conn.update_state_after_alloc(r, None, ext)
+    h.step()
+    assert h.conn.request_finished(r, h.table.blocks["abort"]) == (False, None)
+
+
+def test_a_slow_pool_never_holds_up_a_scheduling_step(config):
+    """A pool that accepts connections and never answers: the lookup runs in the background;
+    vLLM is told to ask again (None) instead of waiting for the pool's deadline, and once the
+    deadline passed the answer is a miss."""
+    import socket
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvpool.connector.vllm import KVPoolConnector
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        url = f"grpc://127.0.0.1:{silent.getsockname()[1]}"
+        conn = KVPoolConnector(config(1, url=url, timeout_ms=400), KVConnectorRole.SCHEDULER)
+        conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0)})
+        r = Request("slow", ids(330, 14), SamplingParams(max_tokens=1), None)
+        assert conn.get_num_new_matched_tokens(r, 0) == (None, False)
+        assert conn.get_num_new_matched_tokens(r, 0) == (None, False)  # still not known
+        answers = []
+        for _ in range(300):
+            answers.append(conn.get_num_new_matched_tokens(r, 0))
+            if answers[-1][0] is not None:
+                break
+            time.sleep(0.01)
+        assert answers[-1] == (0, False)
+    finally:
+        silent.close()

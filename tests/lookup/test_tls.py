@@ -1,0 +1,36 @@
+"""`kvpool lookup` with --tls-cert-file/--tls-key-file: TLS on gRPC and HTTP, publishers included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import urllib.request
+
+import pytest
+
+from kvpool.cachenode import Unavailable
+from kvpool.cachenode.lookup import HolderInfo, LookupClient, Publisher
+
+from .conftest import run_lookup
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+def test_lookup_over_tls(certs):
+    cert, key, ca = str(certs / "node.crt"), str(certs / "node.key"), str(certs / "ca.crt")
+    with run_lookup("--tls-cert-file", cert, "--tls-key-file", key, "--rebuild-window", "0") as lookup:
+        assert lookup.url.startswith("grpcs://127.0.0.1:")
+        keys = [os.urandom(32) for _ in range(3)]
+        info = HolderInfo("tls-agent", "agent", "memory", "grpcs://10.0.0.1:7420")
+        with Publisher(lookup.url, info, lambda: keys, tls_ca_file=ca) as publisher:
+            assert publisher.flush(15), publisher.stats()
+            with LookupClient(lookup.url, tls_ca_file=ca) as client:
+                assert client.locate(keys).prefix == 3
+            plain_url = lookup.url.replace("grpcs://", "grpc://")
+            with LookupClient(plain_url, timeout=3) as plain, pytest.raises(Unavailable):
+                plain.locate(keys)
+        context = ssl.create_default_context(cafile=ca)
+        url = f"https://127.0.0.1:{lookup.http_port}/healthz"
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            assert response.status == 200

@@ -1,0 +1,81 @@
+"""The settings registry is the one definition: flags, env vars, defaults and docs all come from it."""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+
+import pytest
+
+from kvpool.cachenode import settings as registry
+from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
+from kvpool.cli.main import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_docs_reference_is_current() -> None:
+    doc = ROOT / "docs" / "settings.md"
+    assert registry.replace_reference(doc.read_text()) == doc.read_text(), (
+        "run python -m kvpool.cli.settings_doc docs/settings.md"
+    )
+    for s in registry.SETTINGS_LIST:
+        assert f"`{s.env}`" in doc.read_text()
+
+
+@pytest.mark.parametrize("command", ["node", "up", "agent"])
+def test_node_up_and_agent_flags_are_generated_from_the_registry(command: str) -> None:
+    expected = registry.for_command(command)
+    names = {s.name for s in expected}
+    # Every setting of the command, in registry order; anything else is the command's own (--log-level).
+    params = {p.name: p for p in cli.commands[command].params if p.name in names}
+    assert list(params) == [s.name for s in expected]
+    for s in expected:
+        p = params[s.name]
+        assert p.opts[0] == s.flag and p.envvar == s.env, s.name
+        assert p.default == s.default_for(command), s.name
+        assert s.env == "KVPOOL_" + s.flag[2:].replace("-", "_").upper()
+
+
+def test_every_env_var_names_one_setting() -> None:
+    envs = [s.env for s in registry.SETTINGS_LIST]
+    assert len(envs) == len(set(envs))
+    assert all(registry.by_env(e).env == e for e in envs)
+    assert registry.by_env("KVPOOL_NODES") is None and registry.by_env("PATH") is None
+
+
+def test_shared_tier_defaults_equal_the_registry() -> None:
+    """`SharedTiersConfig.from_options` keeps keyword defaults for callers in code; they must match."""
+    for name, param in inspect.signature(SharedTiersConfig.from_options).parameters.items():
+        if param.kind is param.KEYWORD_ONLY:
+            s = registry.SETTINGS[name]
+            assert registry.SETTINGS[name].value(param.default) == s.default_value, name
+
+
+def test_node_settings_defaults_come_from_the_registry() -> None:
+    ns = registry.NodeSettings()
+    for name in ("port", "memory", "max_value_size", "peers", "replication_factor", "handoff_deadline"):
+        assert getattr(ns, name) == registry.default(name)
+    assert (ns.memory, ns.replication_factor, ns.handoff_deadline, ns.peers) == (4 << 30, 1, 30.0, "")
+
+
+def test_check_node_env_refuses_what_the_node_refuses() -> None:
+    ok = {"KVPOOL_MEMORY": "1073741824", "KVPOOL_S3_URL": "s3://bucket/p", "KVPOOL_URL": "grpc://x:7400"}
+    registry.check_node_env(ok)
+    for env, message in [
+        ({"KVPOOL_S3_URL": "s3://my..bucket"}, "KVPOOL_S3_URL='s3://my..bucket'.*not a valid S3 bucket"),
+        ({"KVPOOL_REDIS_URL": "http://cache:6379"}, "KVPOOL_REDIS_URL"),
+        ({"KVPOOL_MEMORY": "lots"}, "not a size"),
+        ({"KVPOOL_S3_ENDPOINT": "http://minio:9000"}, "needs --s3-url"),
+        ({"KVPOOL_DISK_SIZE": "1GiB"}, "needs --disk-dir"),
+        ({"KVPOOL_LOW_WATERMARK": "0.99"}, "watermarks"),
+        ({"KVPOOL_NODES": "a,b"}, "no kvpool setting reads KVPOOL_NODES"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            registry.check_node_env(env)
+
+
+def test_values_round_trip_through_env_text() -> None:
+    for s in registry.SETTINGS_LIST:
+        if s.default is not None:
+            assert s.parse(s.text(s.default_value)) == s.default_value, s.name

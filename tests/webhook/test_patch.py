@@ -1,0 +1,205 @@
+"""The admission decision, pure: every real-world pod shape patched into a valid pod (or skipped with
+a reason), and admitting the result again changes nothing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kvpool.operator.webhook import patch, vllm_command
+
+from .shapes import EXPECTED, K8S, SECURE_SPEC, apply, container, env_of, pod, pool
+
+CONNECTOR = '{"kv_connector":"KVPoolConnector","kv_connector_module_path":"kvpool.connector.vllm","kv_role":"kv_both"}'
+
+
+def admit(obj: dict[str, Any], p: dict[str, Any] | None) -> tuple[patch.Decision, dict[str, Any]]:
+    decision = patch.admit(obj, obj["metadata"]["namespace"], p)
+    return decision, apply(obj, decision.patch)
+
+
+@pytest.mark.parametrize("shape", sorted(EXPECTED))
+def test_each_shape_is_injected_or_skipped_with_its_reason(shape: str) -> None:
+    vllm_name, reason = EXPECTED[shape]
+    original = pod(shape)
+    ns = original["metadata"]["namespace"]
+    ref = original["metadata"]["annotations"]["kvpool.io/pool"]
+    decision, patched = admit(original, pool("infra" if "/" in ref else ns))
+    notes = patched["metadata"]["annotations"]
+    if reason is not None:
+        assert not decision.injected and reason in decision.reason
+        assert notes[patch.SKIP_ANNOTATION] == decision.reason and patch.INJECTED_ANNOTATION not in notes
+        # Nothing but the annotation changed: the user's command and transfer config stay as written.
+        assert {**patched, "metadata": {}} == {**original, "metadata": {}}
+    else:
+        assert decision.injected and decision.reason is None
+        assert notes[patch.INJECTED_ANNOTATION] == (ref if "/" in ref else f"{ns}/{ref}")
+        vllm = container(patched, vllm_name)
+        words = vllm_command.argv(vllm)
+        assert words[-2:] == ["--kv-transfer-config", CONNECTOR]
+        assert words[:-2] == vllm_command.argv(container(original, vllm_name))  # appended, nothing rewritten
+        env = env_of(vllm)
+        assert env["KVPOOL_URL"] == "grpc://127.0.0.1:7420" and env["KVPOOL_CHUNK_SIZE"] == "256"
+        assert env["PYTHONPATH"].split(":")[0] == patch.PAYLOAD_DIR
+        # Only client settings reach vLLM: nothing a node reads (memory, peers, tiers...).
+        assert {k for k in env if k.startswith("KVPOOL_")} == {"KVPOOL_URL", "KVPOOL_CHUNK_SIZE"}
+        mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
+        assert mounts["kvpool-python"] == "/kvpool/python" and mounts["kvpool-arena"] == "/var/run/kvpool"
+        inits = patched["spec"]["initContainers"]
+        assert [c["name"] for c in inits][-2:] == ["kvpool-connector", "kvpool-agent"]
+        assert inits[:-2] == original["spec"].get("initContainers", [])  # the user's run first, unchanged
+        agent = inits[-1]
+        assert agent["restartPolicy"] == "Always" and agent["command"] == ["kvpool", "agent"]
+        others = [c for c in original["spec"]["containers"] if c["name"] != vllm_name]
+        assert [c for c in patched["spec"]["containers"] if c["name"] != vllm_name] == others
+    again = patch.admit(patched, ns, pool(ns))
+    assert again.patch == [], f"admitting the patched pod again changed it: {again.patch}"
+
+
+def test_agent_sidecar_follows_the_contract() -> None:
+    _decision, patched = admit(pod("bare-vllm-serve"), pool(agent={"memory": "3GiB"}))
+    agent = patched["spec"]["initContainers"][-1]
+    args = agent["args"]
+    assert args[:10] == ["--port", "7420", "--http-port", "7421", "--memory", str(3 << 30), "--lookup-url",
+                         "grpc://kvpool-lookup.serving.svc:7410", "--pool-url", "grpc://kvpool.serving.svc:7400"]  # fmt: skip
+    assert args[10:] == ["--arena-dir", "/var/run/kvpool"]
+    env = env_of(agent)
+    assert env["KVPOOL_AGENT_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["KVPOOL_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    arena = next(v for v in patched["spec"]["volumes"] if v["name"] == "kvpool-arena")
+    assert arena["emptyDir"]["medium"] == "Memory"
+    from kvpool.operator.settings import parse_quantity
+
+    assert parse_quantity(arena["emptyDir"]["sizeLimit"]) >= 3 << 30
+    # Memory request = limit = arena + the agent's overhead (the arena's pages are charged to the agent).
+    limit = parse_quantity(agent["resources"]["limits"]["memory"])
+    assert (
+        agent["resources"]["requests"]["memory"] == agent["resources"]["limits"]["memory"] and limit > 3 << 30
+    )
+    assert {m["mountPath"] for m in agent["volumeMounts"]} >= {"/var/run/kvpool"}
+    assert "startupProbe" not in agent and "readinessProbe" not in agent  # vLLM never waits for the cache
+    connector = patched["spec"]["initContainers"][-2]
+    assert connector["command"] == ["kvpool", "payload"] and connector["args"] == ["/kvpool/python"]
+
+
+def test_auth_and_tls_pool_gives_token_by_reference_and_the_ca_only() -> None:
+    _decision, patched = admit(pod("production-stack"), pool(**SECURE_SPEC))
+    vllm = container(patched, "vllm")
+    env = env_of(vllm)
+    assert env["KVPOOL_AUTH_TOKEN"] == {"secretKeyRef": {"name": "kvpool-token", "key": "token"}}
+    assert env["KVPOOL_TLS_CA_FILE"] == "/etc/kvpool/tls/ca.crt"
+    ca = next(v for v in patched["spec"]["volumes"] if v["name"] == "kvpool-ca")
+    assert ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # never the key
+    agent = patched["spec"]["initContainers"][-1]
+    assert "--pool-url" in agent["args"] and agent["args"][agent["args"].index("--pool-url") + 1] == (
+        "grpcs://kvpool.serving.svc:7400"
+    )
+    assert agent["args"][-2:] == ["--auth-token-file", "/etc/kvpool/auth/token"]
+    assert env_of(agent)["KVPOOL_TLS_CA_FILE"] == "/etc/kvpool/tls/ca.crt"
+
+
+@pytest.mark.parametrize("spec", [{"agent": {"enabled": False}}, {"lookup": {"replicas": 0}}])
+def test_without_agent_vllm_talks_to_the_pool(spec: dict[str, Any]) -> None:
+    decision, patched = admit(pod("llm-d-decode"), pool("infra", **spec))
+    assert decision.injected
+    assert [c["name"] for c in patched["spec"]["initContainers"]] == ["routing-proxy", "kvpool-connector"]
+    env = env_of(container(patched, "vllm"))
+    assert env["KVPOOL_URL"] == "grpc://kvpool.infra.svc:7400"
+    assert "kvpool-arena" not in {v["name"] for v in patched["spec"]["volumes"]}
+
+
+def test_pythonpath_of_the_pod_is_kept_behind_the_connector() -> None:
+    _decision, patched = admit(pod("bare-vllm-serve"), pool())
+    assert env_of(container(patched, "server"))["PYTHONPATH"] == "/kvpool/python:/plugins"
+
+
+def test_user_settings_win_over_the_pools() -> None:
+    obj = pod("production-stack")
+    container(obj, "vllm")["env"].append({"name": "KVPOOL_CHUNK_SIZE", "value": "512"})
+    _decision, patched = admit(obj, pool())
+    names = [e["name"] for e in container(patched, "vllm")["env"]]
+    assert (
+        names.count("KVPOOL_CHUNK_SIZE") == 1
+        and env_of(container(patched, "vllm"))["KVPOOL_CHUNK_SIZE"] == "512"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda p: p["metadata"]["annotations"].pop("kvpool.io/pool"), "no kvpool.io/pool annotation"),
+        (lambda p: p["metadata"]["annotations"].update({"kvpool.io/pool": "a/b/c"}), "is not a pool name"),
+        (lambda p: container(p, "server").update(args=["--block-size", "48"]), "not a multiple of"),
+        (lambda p: container(p, "server").update(args=["--block-size=96"]), "--block-size 96"),
+        (lambda p: p["metadata"]["annotations"].update({"kvpool.io/container": "nope"}), "'nope'"),
+        (lambda p: (p["metadata"]["annotations"].update({"kvpool.io/container": "log-shipper"}),
+                    container(p, "log-shipper").update(command=["/fluent-bit/bin/fluent-bit"])),
+         "does not run `vllm serve`"),
+        (lambda p: p["spec"]["containers"].append({**container(p, "server"), "name": "second"}),
+         "several containers run vLLM (server, second)"),
+        (lambda p: p["spec"]["containers"].pop(0), "no container runs"),
+        (lambda p: container(p, "server")["env"].__setitem__(0, {"name": "PYTHONPATH", "valueFrom": {
+            "configMapKeyRef": {"name": "x", "key": "y"}}}), "PYTHONPATH from valueFrom"),
+        (lambda p: p["spec"].update(volumes=[{"name": "kvpool-python", "emptyDir": {}}]), "kvpool-python"),
+    ],
+)  # fmt: skip
+def test_skip_reasons(change: Any, reason: str) -> None:
+    obj = pod("bare-vllm-serve")
+    change(obj)
+    decision, patched = admit(obj, pool())
+    assert not decision.injected and reason in decision.reason, decision.reason
+    assert patched["metadata"]["annotations"][patch.SKIP_ANNOTATION] == decision.reason
+
+
+def test_pool_not_found_or_invalid_is_a_skip() -> None:
+    obj = pod("bare-vllm-serve")
+    decision, _ = admit(obj, None)
+    assert decision.reason == "KVCachePool serving/kvpool not found"
+    decision, _ = admit(obj, pool(chunkSize=100))
+    assert "invalid spec" in decision.reason and "multiple of 16" in decision.reason
+
+
+def test_a_skipped_pod_admitted_again_gets_no_patch_and_injection_clears_the_reason() -> None:
+    obj = pod("bare-vllm-serve")
+    _, skipped = admit(obj, None)
+    assert patch.admit(skipped, "serving", None).patch == []
+    decision, patched = admit(skipped, pool())  # the pool exists now (e.g. the pod was recreated)
+    assert decision.injected and patch.SKIP_ANNOTATION not in patched["metadata"]["annotations"]
+
+
+def test_pod_without_annotations_or_args_gets_them_created() -> None:
+    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "serving",
+           "labels": {"kvpool.io/inject": "true"}},
+           "spec": {"containers": [{"name": "v", "image": "vllm/vllm-openai", "command": ["vllm", "serve", "m"]}]}}  # fmt: skip
+    decision, patched = admit(obj, None)
+    assert patched["metadata"]["annotations"] == {patch.SKIP_ANNOTATION: decision.reason}
+    obj["metadata"]["annotations"] = {"kvpool.io/pool": "kvpool"}
+    decision, patched = admit(obj, pool())
+    assert container(patched, "v")["args"] == ["--kv-transfer-config", CONNECTOR]
+    assert json.loads(CONNECTOR)["kv_connector_module_path"] == "kvpool.connector.vllm"
+
+
+@pytest.mark.parametrize(
+    ("words", "options"),
+    [
+        (["vllm", "serve", "m", "--port", "1"], ["m", "--port", "1"]),
+        (["/opt/venv/bin/vllm", "serve"], []),
+        (["python3.12", "-m", "vllm.entrypoints.openai.api_server", "--model=x"], ["--model=x"]),
+        (["env", "A=b", "vllm", "serve", "m"], ["m"]),
+        (["tini", "--", "vllm", "serve"], []),
+        (["vllm", "chat"], None),
+        (["python", "-m", "vllm.entrypoints.api_server"], None),
+        (["bash", "-c", "vllm serve m"], None),
+        (["sglang", "serve", "vllm", "serve"], None),
+    ],
+)
+def test_vllm_command_recognition(words: list[str], options: list[str] | None) -> None:
+    cmd = vllm_command.parse({"command": words})
+    assert (None if cmd is None else list(cmd.options)) == options
+    assert vllm_command.shell_wrapped({"command": words}) == (words[0] == "bash")
+
+
+def test_k8s_version_is_pinned() -> None:
+    assert K8S == "1.35.0"
