@@ -14,26 +14,69 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+# Ports handed out recently, by any process of this user: a port is reserved by creating a file
+# named after it (O_EXCL), so that two picks made before either server binds, in one process or in
+# several (a test and the `kvpool up` it starts), never name the same port.
+_RESERVATIONS = Path(tempfile.gettempdir()) / f"kvpool-ports-{os.getuid()}"
+_RESERVED_FOR_S = 120.0
+
+
+def _reserve(port: int) -> bool:
+    """Claim `port` for the next two minutes; False while someone else's claim stands."""
+    _RESERVATIONS.mkdir(exist_ok=True)
+    path = _RESERVATIONS / str(port)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - path.stat().st_mtime < _RESERVED_FOR_S:
+                return False
+            os.utime(path)  # an old claim: take it over (a racing taker is as likely to lose to a bind)
+            return True
+        except FileNotFoundError:
+            return _reserve(port)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections and to bind(0)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now. ``KVPOOL_PORT_RANGE=LO-HI`` picks it from that range instead
-    of the kernel's ephemeral ports: parallel test workers each get their own range outside the
-    ephemeral one, so a port chosen here is not taken meanwhile by another worker's server or by
-    some process's outgoing connection."""
+    """A port free on 127.0.0.1 now and handed to no one else lately, chosen below the kernel's
+    ephemeral range, so no process's outgoing connection takes it before the server binds it.
+    ``KVPOOL_PORT_RANGE=LO-HI`` narrows the choice: parallel test workers each get their own."""
     band = os.environ.get("KVPOOL_PORT_RANGE")
     if band:
         lo, hi = (int(x) for x in band.split("-"))
-        for port in random.sample(range(lo, hi + 1), min(200, hi - lo + 1)):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+    else:
+        lo, hi = 10_000, _ephemeral_low() - 1
+    if lo <= hi:
+        for port in random.sample(range(lo, hi + 1), min(400, hi - lo + 1)):
+            if _bindable(port) and _reserve(port):
                 return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(100):  # no room below the ephemeral range: let the kernel choose
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if _reserve(port):
+            return port
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
