@@ -15,6 +15,11 @@ class Unavailable(KVPoolError):
     """The pool could not be reached or did not answer in time; retrying later may work."""
 
 
+class Unreachable(Unavailable):
+    """A node did not answer within the timeout, or could not be reached at all: asking it again
+    by another transport would only wait as long again."""
+
+
 class Unauthenticated(KVPoolError):
     """The pool requires a bearer token and none, or a wrong one, was given."""
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..errors import InvalidRequest, KVPoolError, Unauthenticated, Unavailable
+from ..errors import InvalidRequest, KVPoolError, Unauthenticated, Unavailable, Unreachable
 from ..proto import kvpool_pb2 as pb
 from ..proto import kvpool_pb2_grpc as pb_grpc
 from ..settings import MAX_FRAME_SIZE
@@ -449,7 +449,9 @@ class NodeConnection:
         return self.options.use_data_channel and self.hello().data_port != 0
 
     def _with_data_connection(self, operation):
-        """Run on a pooled connection; a stale pooled connection is retried once on a fresh one."""
+        """Run on a pooled connection; a stale pooled connection (closed by the node, e.g. after a
+        restart) is retried once on a fresh one. A timeout is not retried: the node is slow or
+        hung, and a second try would wait as long again."""
         for attempt in (0, 1):
             conn, reused = self._acquire()
             try:
@@ -457,6 +459,9 @@ class NodeConnection:
             except KVPoolError:
                 conn.close()
                 raise
+            except TimeoutError as exc:
+                conn.close()
+                raise Unreachable(f"data channel to {self.host}:{self.hello().data_port}: {exc}") from None
             except (OSError, ConnectionError) as exc:
                 conn.close()
                 if reused and attempt == 0:
@@ -495,7 +500,7 @@ class NodeConnection:
             except KVPoolError:
                 raise
             except OSError as exc:
-                raise Unavailable(f"cannot reach data channel {host}:{hello.data_port}: {exc}") from None
+                raise Unreachable(f"cannot reach data channel {host}:{hello.data_port}: {exc}") from None
             return conn, False
         raise AssertionError("unreachable")
 
@@ -611,6 +616,8 @@ def translate(exc: grpc.RpcError) -> KVPoolError:
         return Unimplemented(detail)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return NodeLeaving(detail)
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        return Unreachable(f"{code.name}: {detail}")
     return Unavailable(f"{code.name if code else 'error'}: {detail}")
 
 

@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from .. import metrics
-from ..errors import KVPoolError, Unavailable
+from ..errors import KVPoolError, Unavailable, Unreachable
 from ..proto import nixl_pb2 as pb
 from ..proto import nixl_pb2_grpc as pb_grpc
 from ..tiers.record import checksum
@@ -246,9 +246,11 @@ class NixlLink:
         return buf
 
     def _rpc(self, method, request):
+        """A control call; Unreachable (the node is hung or gone) propagates as it is, since
+        falling back to the data channel would wait on the same node again."""
         try:
             return self._call(method, request)
-        except NixlFailed:
+        except (NixlFailed, Unreachable):
             raise
         except KVPoolError as exc:
             raise NixlFailed(_reason_of(exc), f"NIXL control call failed: {exc}") from None

@@ -110,6 +110,25 @@ class Pool:
             time.sleep(0.2)
         raise AssertionError(f"pool did not reach {count} ready members: {last}\n{self.logs()}")
 
+    def pause(self, node: Node, timeout: float = 10) -> None:
+        """SIGSTOP, then wait until every thread has stopped: a multi-threaded process takes a
+        moment to stop, and meanwhile its other threads still answer requests."""
+        node.proc.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{node.proc.pid}/task")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = []
+            for task in tasks.iterdir():
+                with contextlib.suppress(OSError):
+                    states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            if states and all(state in "tT" for state in states):
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"{node.node_id} did not stop within {timeout} s")
+
+    def resume(self, node: Node) -> None:
+        node.proc.send_signal(signal.SIGCONT)
+
     def kill(self, node: Node) -> None:
         node.proc.send_signal(signal.SIGKILL)
         node.proc.wait(timeout=10)
