@@ -33,6 +33,8 @@ def build_engine(model: str, connector: bool, extra: dict | None = None, max_mod
             kv_connector_extra_config={"chunk_size": CHUNK, **(extra or {})},
         )
     cpu = _is_cpu()
+    if cpu:
+        same_cpu_threads()
     return LLM(
         model=model,
         enable_prefix_caching=False,
@@ -50,6 +52,16 @@ def _is_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def same_cpu_threads() -> int:
+    """Give both engines the same OpenMP threads. vLLM's CPU backend reserves one core more for an
+    engine with a KV connector than for one without, so on a small machine the connector's engine
+    would run more threads than the baseline (2 against 1 on 2 cores): a stronger engine, not a
+    cache, would then lift the ratio. Both reserve what the baseline reserves by default (one
+    core), unless VLLM_CPU_NUM_OF_RESERVED_CPU is set. Without it the outputs can differ too: a
+    different thread count sums in another order, which flips greedy near-ties."""
+    return int(os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
 
 
 def close_engine(llm) -> None:
@@ -129,6 +141,8 @@ def run_ttft_bench(
     """Median TTFT per prompt length: cache off (baseline engine) vs a warm pool (connector)."""
     prompts = {n: prompt_ids(model, n, seed=100 + n) for n in lengths}
     result: dict[str, float] = {}
+    if _is_cpu():
+        result["cpu_reserved_cores"] = same_cpu_threads()
     progress("starting vLLM engine (cache off)…")
     llm = build_engine(model, connector=False, max_model_len=max(lengths) + 64)
     base_out = {}

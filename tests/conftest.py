@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from kvpool.connector.ttft import same_cpu_threads
+
 os.environ.setdefault("PYTHONSAFEPATH", "1")
+
+# vLLM's CPU backend reserves one more core for an engine with a KV connector: on a 2-core machine
+# the connector's engine would run 2 OpenMP threads where the reference engine runs 1, and another
+# thread count sums the same products in another order (AVX-512/AMX kernels split the work by
+# thread), which flips greedy near-ties of the tiny random models. Every engine the tests start
+# (inheriting this environment) reserves the same core.
+same_cpu_threads()
 
 # Parallel workers (scripts/test.sh) pick server ports from their own band below the kernel's
 # ephemeral range (32768+), inherited by every process they start: see cli/local_servers.free_port.
