@@ -90,33 +90,57 @@ def generate(llm, ids: list[int], max_tokens: int = 16):
     return out[0]
 
 
+def _own_embedded_pool(engine: str, stop) -> None:
+    """A worker process's part: own the embedded pool (and its rendezvous file) until told."""
+    from .backend import open_pool
+
+    owner = open_pool(
+        None, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0, timeout_s=0.5, engine_id=engine
+    )
+    stop.wait(600)
+    owner.close()
+
+
 def miss_overhead_ms(n_tokens: int = 4096, repeats: int = 200) -> float:
     """The connector's work on the request path for a request the pool does not hold: chained
-    keys for the whole prompt plus one batched lookup over loopback to an embedded pool served the
-    way the scheduler reaches it. Median in ms."""
+    keys for the whole prompt plus one batched lookup to an embedded pool owned by another process,
+    as vLLM's scheduler reaches the pool its worker process owns. Median in ms."""
+    import multiprocessing
     import random
 
-    from .backend import RendezvousPool, SafePool, open_pool, rendezvous_path
+    from .backend import RendezvousPool, SafePool, rendezvous_path
     from .keys import ModelFingerprint, chunk_keys
     from .settings import ConnectorSettings
 
     engine = f"bench-{os.getpid()}"
-    owner = open_pool(
-        None, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0, timeout_s=0.5, engine_id=engine
-    )
-    # the scheduler lives in another process than the worker that owns the pool: loopback path
-    sched = SafePool(RendezvousPool(rendezvous_path(engine), 0.5))
-    fp = ModelFingerprint("bench", "", "bfloat16", "LKTHD/cpu", 32, 8, 128, CHUNK)
-    rnd = random.Random(0)
-    times = []
-    for i in range(repeats):
-        ids = [rnd.randrange(50000) for _ in range(n_tokens)]
-        t0 = time.perf_counter()
-        keys = chunk_keys(fp, ids, salt=str(i))
-        sched.lease_prefix(keys, ConnectorSettings().lease_ms)  # the connector's lookup (pins hits)
-        times.append(time.perf_counter() - t0)
-    sched.close()
-    owner.close()
+    path = rendezvous_path(engine)
+    spawn = multiprocessing.get_context("spawn")
+    stop = spawn.Event()
+    worker = spawn.Process(target=_own_embedded_pool, args=(engine, stop), daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            if not worker.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the pool-owning process did not start its embedded pool")
+            time.sleep(0.05)
+        sched = SafePool(RendezvousPool(path, 0.5))
+        fp = ModelFingerprint("bench", "", "bfloat16", "LKTHD/cpu", 32, 8, 128, CHUNK)
+        lease_ms = ConnectorSettings().lease_ms
+        rnd = random.Random(0)
+        times = []
+        for i in range(repeats):
+            ids = [rnd.randrange(50000) for _ in range(n_tokens)]
+            t0 = time.perf_counter()
+            keys = chunk_keys(fp, ids, salt=str(i))
+            sched.lease_prefix(keys, lease_ms)  # the connector's lookup (pins hits)
+            times.append(time.perf_counter() - t0)
+        sched.close()
+    finally:
+        stop.set()
+        worker.join(10)
+        if worker.is_alive():
+            worker.kill()
     return 1000 * statistics.median(times[10:])
 
 
