@@ -204,10 +204,12 @@ def kvpool_up(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.
 
 
 @contextlib.contextmanager
-def _announcing(cmd: list[str], what: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
-    """A server that prints its URL as its first line (`kvpool up`, `kvpool agent`); stopped with
-    SIGTERM (SIGKILL after 20 s) when done. Yields (process, URL)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+def _announcing(
+    cmd: list[str], what: str, env: dict | None = None, preexec_fn=None
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A server that prints its URL as its first line (`kvpool up`, `kvpool agent`, `kvpool
+    lookup`); stopped with SIGTERM (SIGKILL after 20 s) when done. Yields (process, URL)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=preexec_fn)
     try:
         url = proc.stdout.readline().strip()
         if not url.startswith(("grpc://", "grpcs://")):
@@ -241,20 +243,8 @@ def kvpool_lookup(
     cmd = [sys.executable, "-P", "-m", "kvpool.cli.main", "lookup", "--host", "127.0.0.1",
            "--port", str(port), "--http-port", str(http_port), *args]  # fmt: skip
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # every thread inherits it
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=pin)
-    try:
-        url = proc.stdout.readline().strip()
-        if not url.startswith(("grpc://", "grpcs://")):
-            raise RuntimeError(f"kvpool lookup did not print its URL (exit {proc.poll()}, printed {url!r})")
+    with _announcing(cmd, "kvpool lookup", preexec_fn=pin) as (proc, url):
         yield LookupProcess(proc, url, port, http_port)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @contextlib.contextmanager

@@ -9,20 +9,16 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from kvpool.cli import local_servers
 from kvpool.cli.local_servers import kvpool_lookup
 
 HOLDER_SCRIPT = Path(__file__).with_name("holder_process.py")
 
 
-@dataclass
-class LookupProcess:
-    proc: subprocess.Popen
-    url: str
-    port: int
-    http_port: int
+class LookupProcess(local_servers.LookupProcess):
+    """`kvpool lookup` as the tests drive it: its HTTP API, and SIGKILL."""
 
     def http(self, path: str, body: bytes | None = None, token: str | None = None) -> tuple[int, bytes]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body)
