@@ -20,6 +20,10 @@ class Unreachable(Unavailable):
     by another transport would only wait as long again."""
 
 
+class NodeLeaving(Unavailable):
+    """The node is stopping and hands its chunks over: it still serves reads, takes no puts."""
+
+
 class Unauthenticated(KVPoolError):
     """The pool requires a bearer token and none, or a wrong one, was given."""
 

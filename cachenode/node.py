@@ -124,6 +124,7 @@ class CacheNode:
                 max_value_size=settings.max_value_size,
                 max_batch_keys=settings.max_batch_keys,
                 reason=nixl_reason,
+                refuse_puts=self.put_refusal,
             ),
             self._grpc,
         )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..errors import InvalidRequest, KVPoolError, Unauthenticated, Unavailable, Unreachable
+from ..errors import InvalidRequest, KVPoolError, NodeLeaving, Unauthenticated, Unavailable, Unreachable
 from ..proto import kvpool_pb2 as pb
 from ..proto import kvpool_pb2_grpc as pb_grpc
 from ..settings import MAX_FRAME_SIZE
@@ -623,10 +623,6 @@ def translate(exc: grpc.RpcError) -> KVPoolError:
 
 class Unimplemented(Unavailable):
     """The server does not offer this call (an older node, or an agent without Members)."""
-
-
-class NodeLeaving(Unavailable):
-    """The node is stopping and hands its chunks over: it still serves reads, takes no puts."""
 
 
 def _own_buffers() -> Callable[[], BufferPool]:

@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from .. import metrics
-from ..errors import KVPoolError, Unavailable, Unreachable
+from ..errors import KVPoolError, NodeLeaving, Unavailable, Unreachable
 from ..proto import nixl_pb2 as pb
 from ..proto import nixl_pb2_grpc as pb_grpc
 from ..tiers.record import checksum
@@ -315,6 +315,7 @@ def _reason_of(exc: KVPoolError) -> str:
     text = str(exc)
     for marker, reason in (
         ("stale NIXL session", "stale_session"),
+        ("is leaving the pool", "leaving"),
         ("no room", "no_room"),
         ("checksum", "checksum"),
         ("expired", "lease_gone"),
@@ -411,6 +412,8 @@ class NixlRoute:
             try:
                 result = action(link)
             except NixlFailed as exc:
+                if exc.reason == "leaving":  # as the data channel would answer: put elsewhere
+                    raise NodeLeaving(str(exc)) from None
                 if exc.reason == "stale_session" and attempt == 0 and self._reconnect(link):
                     continue  # the node restarted: its new agent is loaded, try once more
                 if exc.reason in ("transfer_error", "control_error", "bad_metadata"):

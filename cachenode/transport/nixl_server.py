@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -118,9 +119,18 @@ class NixlService(pb_grpc.NixlTransferServicer):
     """gRPC control of NIXL transfers; registered on the node's server beside CacheNode."""
 
     def __init__(
-        self, endpoint: NixlEndpoint | None, *, max_value_size: int, max_batch_keys: int, reason: str
+        self,
+        endpoint: NixlEndpoint | None,
+        *,
+        max_value_size: int,
+        max_batch_keys: int,
+        reason: str,
+        refuse_puts: Callable[[], str | None] = lambda: None,
     ):
+        """`refuse_puts`: a reason to refuse puts now (the node is leaving), or None — the same
+        rule the data channel and the gRPC puts follow."""
         self._endpoint = endpoint
+        self._refuse_puts = refuse_puts
         self._max_value_size = max_value_size
         self._max_batch_keys = max_batch_keys
         self._reason = reason  # why NIXL is off, when it is
@@ -171,6 +181,9 @@ class NixlService(pb_grpc.NixlTransferServicer):
 
     def NixlReserve(self, request: pb.NixlReserveRequest, context: grpc.ServicerContext) -> pb.NixlLease:
         ep = self._checked_endpoint(request.agent_name, context)
+        refused = self._refuse_puts()
+        if refused:
+            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, refused, "nixl_leaving")
         entries = [(bytes(e.key), e.size) for e in request.entries]
         try:
             check_keys([k for k, _ in entries], self._max_batch_keys)

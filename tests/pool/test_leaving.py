@@ -3,16 +3,22 @@ that have not heard yet are told so by the put itself and place the value on the
 
 from __future__ import annotations
 
+import pytest
+
 from kvpool.cachenode import Client
 from kvpool.cachenode.node import CacheNode
 from kvpool.cachenode.settings import NodeSettings
 from kvpool.cachenode.transport.placement import Placement
 from kvpool.cli.local_servers import free_port
 
+from ..nixl.conftest import nixl_or_skip
 from .conftest import values, wait_until
 
 
-def test_a_leaving_node_serves_reads_and_sends_puts_elsewhere():
+@pytest.mark.parametrize("transport", ["grpc", "nixl"], ids=["data-channel", "nixl"])
+def test_a_leaving_node_serves_reads_and_sends_puts_elsewhere(transport):
+    if transport == "nixl":
+        nixl_or_skip()  # a NIXL put reserves room first: the reservation is refused as well
     ports = [free_port(), free_port()]
     nodes = []
     try:
@@ -28,7 +34,9 @@ def test_a_leaving_node_serves_reads_and_sends_puts_elsewhere():
         wait_until(lambda: all(n.peers.view == {"m0", "m1"} for n in nodes), what="two members")
         placement = Placement(["m0", "m1"])
         data = values("leaving", 100)
-        with Client(f"grpc://127.0.0.1:{ports[0]}", refresh_interval=60) as client:  # hears nothing by itself
+        with Client(
+            f"grpc://127.0.0.1:{ports[0]}", refresh_interval=60, transport=transport
+        ) as client:  # hears nothing by itself
             client.put_many(data)
             nodes[1].leave()  # deadline 0: nothing is pushed, it only stops taking puts
             assert nodes[1].put_refusal()
