@@ -21,6 +21,20 @@ def test_every_proto_file_is_generated():
     assert protos == sorted(generate.PROTOS)
 
 
+def test_generator_is_pinned_to_the_version_that_wrote_the_committed_files():
+    """A new grpcio-tools release must not change what the tests compare: pyproject pins exactly
+    the generator named in generate.py, which is the one whose version the committed files carry."""
+    import re
+    import tomllib
+
+    root = Path(generate.HERE).parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"grpcio-tools=={generate.GRPCIO_TOOLS_VERSION}" in extras["test"]
+    for proto in generate.PROTOS:
+        text = (Path(generate.HERE) / f"{Path(proto).stem}_pb2_grpc.py").read_text()
+        assert re.search(rf"^GRPC_GENERATED_VERSION = '{re.escape(generate.GRPCIO_TOOLS_VERSION)}'$", text, re.M)
+
+
 def test_generated_code_is_current():
     result = subprocess.run([sys.executable, "-P", "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
