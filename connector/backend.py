@@ -246,7 +246,10 @@ class SafePool:
     """Wraps a pool so that nothing it does can fail or noticeably delay a request.
 
     * errors → a miss (0 hits, nothing found, write dropped), counted by kind and logged;
-    * after ``breaker_failures`` consecutive failures the pool is skipped for ``breaker_s``;
+    * after ``breaker_failures`` consecutive failures of one kind of call (lookups, reads, writes,
+      …) the pool is skipped for ``breaker_s``. Kinds count apart: a pool whose lookups answer but
+      whose reads keep timing out must still open the breaker, or every request would find its
+      chunks, wait for a read that fails and recompute;
     * writes go through a bounded background queue unless ``sync_writes`` (embedded memory pool,
       where a put is a memcpy and a reader right after expects to see it).
     """
@@ -265,7 +268,7 @@ class SafePool:
         self.sync_writes = sync_writes
         self._breaker_failures = breaker_failures
         self._breaker_s = breaker_s
-        self._failures = 0
+        self._failures: dict[str, int] = {}  # kind of call → consecutive failures
         self._open_until = 0.0
         self._last_log = 0.0
         self._lock = threading.Lock()
@@ -277,16 +280,23 @@ class SafePool:
     def _available(self) -> bool:
         return self.pool is not None and time.monotonic() >= self._open_until
 
-    def _ok(self) -> None:
-        self._failures = 0
+    def _ok(self, op: str) -> None:
+        if self._failures.get(op):
+            with self._lock:
+                self._failures[op] = 0
 
     def _fail(self, op: str, exc: BaseException) -> None:
         kind = type(exc).__name__
         metrics.ERRORS.labels(kind=f"{op}:{kind}").inc()
         with self._lock:
-            self._failures += 1
-            if self._failures >= self._breaker_failures:
+            self._failures[op] = self._failures.get(op, 0) + 1
+            if self._failures[op] >= self._breaker_failures:  # stays open after one more failure
                 self._open_until = time.monotonic() + self._breaker_s
+            if self._failures[op] == self._breaker_failures:
+                log.warning(
+                    "kvpool: %d %ss in a row failed on %s; skipping the pool for %.0f s",
+                    self._breaker_failures, op, self.name, self._breaker_s,
+                )  # fmt: skip
             now = time.monotonic()
             if now - self._last_log > 5.0:
                 self._last_log = now
@@ -301,7 +311,7 @@ class SafePool:
         except Exception as exc:  # any failure is a miss
             self._fail("lookup", exc)
             return 0
-        self._ok()
+        self._ok("lookup")
         return max(0, min(n, len(keys)))
 
     def lease_prefix(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int]:
@@ -315,7 +325,7 @@ class SafePool:
         except Exception as exc:
             self._fail("lookup", exc)
             return 0, 0
-        self._ok()
+        self._ok("lookup")
         return max(0, min(int(n), len(keys))), int(lease_id)
 
     def release(self, lease_id: int, keys: Sequence[bytes] | None = None) -> None:
@@ -334,7 +344,7 @@ class SafePool:
         except Exception as exc:
             self._fail("get", exc)
             return [None] * len(keys)
-        self._ok()
+        self._ok("get")
         if len(values) != len(keys):
             return [None] * len(keys)
         return values
@@ -352,7 +362,7 @@ class SafePool:
         except Exception as exc:
             self._fail("get", exc)
             return [None] * len(keys)
-        self._ok()
+        self._ok("get")
         if len(held) != len(keys):
             for h in held:
                 if h is not None:
@@ -394,7 +404,7 @@ class SafePool:
         except Exception as exc:
             self._fail("put", exc)
             return False
-        self._ok()
+        self._ok("put")
         return True
 
     def _ensure_writer(self) -> None:

@@ -45,20 +45,34 @@ class Refused(Exception):
     """The request carries something the connector cannot put into a key."""
 
 
-class AdapterDigests:
-    """Digests of LoRA adapters' files, computed once per adapter version (thread-safe)."""
+RECHECK_S = 2.0  # a known adapter's files are stat'ed again at most this often
 
-    def __init__(self) -> None:
+
+class AdapterDigests:
+    """Digests of LoRA adapters' files, computed once per adapter version (thread-safe).
+
+    The connector asks from its lookup threads, never the scheduler's. A known adapter costs a
+    dict lookup; its files are stat'ed again at most every ``recheck_s`` (weights rewritten in
+    place get a new digest then) and hashed again only when their size, mtime or inode changed."""
+
+    def __init__(self, recheck_s: float = RECHECK_S) -> None:
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[tuple, bytes]] = {}  # path -> (file signature, digest)
+        self._recheck_s = recheck_s
+        self._cache: dict[str, tuple[tuple, bytes, float]] = {}  # path -> (signature, digest, checked)
         self.hashed: list[tuple[str, int, float]] = []  # (path, bytes, seconds): for logs and tests
 
     def digest(self, path: str) -> bytes:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(path)
+            if cached is not None and now - cached[2] < self._recheck_s:
+                return cached[1]
         files = _adapter_files(path)
         signature = tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino) for rel, _, st in files)
         with self._lock:
             cached = self._cache.get(path)
             if cached is not None and cached[0] == signature:
+                self._cache[path] = (signature, cached[1], now)
                 return cached[1]
         t0 = time.perf_counter()
         h = blake3.blake3(b"kvpool-lora-files")
@@ -71,7 +85,7 @@ class AdapterDigests:
                     total += len(chunk)
         digest = h.digest()
         with self._lock:
-            self._cache[path] = (signature, digest)
+            self._cache[path] = (signature, digest, now)
             self.hashed.append((path, total, time.perf_counter() - t0))
         return digest
 

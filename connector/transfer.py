@@ -339,8 +339,13 @@ class Loader:
         try:
             return chunkfmt.decode(value.view, self._spec(key))
         except chunkfmt.ChunkVersionError as exc:
+            # Never readable by this engine, and found again by every lookup: a request would
+            # load it, fail and look it up again. Deleted, so that the recomputed chunk replaces it.
             metrics.ERRORS.labels(kind="chunk_format_version").inc()
-            log.warning("kvpool: chunk %s… is of another format (%s); recomputing", key.hex()[:12], exc)
+            log.warning(
+                "kvpool: chunk %s… is of another format (%s); deleting it, recomputing", key.hex()[:12], exc
+            )
+            self.pool.delete([key])
             return None
         except chunkfmt.ChunkFormatError as exc:
             metrics.STATS.add("corrupt_chunks")

@@ -367,22 +367,31 @@ class KVPoolConnector(KVConnectorBase_V1):
             log.warning("kvpool: not caching requests with %s (neither loaded nor stored)", reason)
 
     def _state(self, request: Request) -> _ReqState:
+        """The request's state; its keys are hashed later, by ``_hash_keys`` in a lookup thread
+        (a prompt shorter than a chunk has none to hash)."""
         st = self._reqs.get(request.request_id)
         if st is None:
-            inputs = key_inputs(request, self._C, self._adapters)
-            if inputs.refused:
-                self._refuse_once(inputs.refused)
-                keys: dict[int, list[bytes]] = {r: [] for r in range(len(self._fps))}
-            else:
-                keys = {
-                    r: chunk_keys(
-                        fp, inputs.tokens, salt=inputs.salt, adapter=inputs.adapter, extras=inputs.extras
-                    )
-                    for r, fp in enumerate(self._fps)
-                }
-            st = _ReqState(keys=keys, prompt_tokens=len(inputs.tokens), refused=inputs.refused)
+            n = int(request.num_prompt_tokens)
+            st = _ReqState(
+                keys=None if n >= self._C else {r: [] for r in range(len(self._fps))}, prompt_tokens=n
+            )
             self._reqs[request.request_id] = st
         return st
+
+    def _hash_keys(self, st: _ReqState, request: Request) -> None:
+        """Every rank's chunk keys of ``request`` (or why it cannot be keyed). Runs once per
+        request, in a lookup thread: reading the prompt, a LoRA adapter's digest (hashed when the
+        adapter is first seen) and hashing a long prompt stay off the scheduler thread."""
+        inputs = key_inputs(request, self._C, self._adapters)
+        if inputs.refused:
+            self._refuse_once(inputs.refused)
+            st.refused = inputs.refused
+            st.keys = {r: [] for r in range(len(self._fps))}
+            return
+        st.keys = {
+            r: chunk_keys(fp, inputs.tokens, salt=inputs.salt, adapter=inputs.adapter, extras=inputs.extras)
+            for r, fp in enumerate(self._fps)
+        }
 
     def _interleaved(self, st: _ReqState, n: int) -> list[bytes]:
         """Chunk-major keys of every rank: a chunk counts only if every rank's shard is there."""
@@ -393,15 +402,31 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="kvpool-lookup")
         return self._lookup_pool
 
-    def _ask_pool(self, keys: list[bytes], lease_ms: int) -> tuple[int, int, float]:
-        """One batched lookup (in a lookup thread): (found, lease id, when it was asked)."""
+    def _ask_pool(self, st: _ReqState, request: Request | None, lease_ms: int) -> tuple[int, int, float]:
+        """One batched lookup (in a lookup thread): (found, lease id, when it was asked). The
+        request's keys are hashed first if they are not yet; the lookup goes no further than the
+        request may load (``load_limit``)."""
+        if st.keys is None:
+            try:
+                self._hash_keys(st, request)
+            except Exception as exc:  # never fail a request over its keys: neither load nor store
+                log.warning(
+                    "kvpool: could not key a request (%s: %s); not caching it", type(exc).__name__, exc
+                )
+                st.refused, st.keys = (
+                    f"unkeyable input ({type(exc).__name__})",
+                    {r: [] for r in range(len(self._fps))},
+                )
+        n = len(st.keys[0]) if st.load_limit is None else min(st.load_limit, len(st.keys[0]))
         asked = time.monotonic()
+        if st.refused or n == 0:
+            return 0, 0, asked
         t0 = time.perf_counter()
-        count, lease_id = self._pool.lease_prefix(keys, lease_ms)
+        count, lease_id = self._pool.lease_prefix(self._interleaved(st, n), lease_ms)
         metrics.STATS.observe("lookup_seconds", time.perf_counter() - t0)
         return count, lease_id, asked
 
-    def _lookup(self, st: _ReqState) -> bool:
+    def _lookup(self, st: _ReqState, request: Request, computed: int) -> bool:
         """Bring ``st``'s pool answer up to date; False while a lookup is still running after
         ``lookup_wait_ms`` (vLLM then asks again in a later step)."""
         lease_ms = self.settings.lease_ms if self.settings.load else 0
@@ -409,8 +434,14 @@ class KVPoolConnector(KVConnectorBase_V1):
             if st.lease is not None and st.lease[1] - LEASE_REUSE_MARGIN_S > time.monotonic():
                 return True  # the last lookup's pins still hold: its answer stands
             self._drop_lease(st)
-            keys = self._interleaved(st, len(st.keys[0]))
-            st.lookup = self._lookups().submit(self._ask_pool, keys, lease_ms)
+            if st.keys is not None and (
+                not st.keys[0] or (st.load_limit is not None and st.load_limit * self._C <= computed)
+            ):  # nothing more this request may load (its last load failed there): no lookup at all
+                st.pool_chunks = min(st.pool_chunks, st.load_limit or 0)
+                return True
+            st.lookup = self._lookups().submit(
+                self._ask_pool, st, request if st.keys is None else None, lease_ms
+            )
         try:
             count, lease_id, asked = st.lookup.result(timeout=self.settings.lookup_wait_ms / 1000)
         except TimeoutError:
@@ -450,8 +481,10 @@ class KVPoolConnector(KVConnectorBase_V1):
         st = self._state(request)
         if st.refused:
             return 0, False
-        if st.keys[0] and (self.settings.load or self.settings.save) and not self._lookup(st):
+        if (self.settings.load or self.settings.save) and not self._lookup(st, request, num_computed_tokens):
             return None, False  # not known yet: vLLM skips the request this step and asks again
+        if st.refused:  # found out while hashing its keys
+            return 0, False
         # Load as far as the pool goes, but leave at least one prompt token for vLLM to compute
         # (it needs one to produce logits): the last chunk may be loaded up to a block boundary.
         bs = self._block_size
@@ -483,8 +516,9 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._drop_lease(st)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """A step's aggregated worker output: confirm what it computed, or roll back a request
-        whose load failed on any worker (nothing it computed on top of that load is stored)."""
+        """A step's aggregated worker output: confirm what it computed, or roll back every request
+        that loaded or may have read KV that failed to load (nothing it computed on top of that
+        is stored). A request whose own load failed never loads from that chunk on again."""
         for req_id in getattr(connector_output, "finished_recving", None) or ():
             st = self._reqs.get(req_id)
             if st is not None:
@@ -494,18 +528,43 @@ class KVPoolConnector(KVConnectorBase_V1):
             return
         for req_id, chunk in wm.failed.items():
             st = self._reqs.get(req_id)
-            if st is None:
-                continue
-            # computed in steps after (or over) the failed load: never stored
-            metrics.STATS.add("unsaved_tokens", (st.recorded_upto - st.confirmed_upto) * self._C)
-            st.pending.clear()
-            st.saved_upto = min(st.saved_upto, chunk)
-            st.confirmed_upto = min(st.confirmed_upto, chunk)
-            st.recorded_upto = st.confirmed_upto
-            st.pool_chunks = min(st.pool_chunks, chunk)
+            if st is not None:
+                self._roll_back(st, chunk)
+                st.load_limit = chunk if st.load_limit is None else min(st.load_limit, chunk)
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if invalid and self._kv_cache_manager is not None:
+            for req_id, chunk in self._readers_of(set(invalid), skip=wm.failed).items():
+                self._roll_back(self._reqs[req_id], chunk)
         for st in self._reqs.values():
             while st.pending and st.pending[0][0] <= wm.step:
                 st.confirmed_upto = st.pending.popleft()[1]
+
+    def _readers_of(self, invalid: set[int], skip: dict[str, int]) -> dict[str, int]:
+        """Requests other than ``skip`` whose blocks include blocks that failed to load, with the
+        chunk of the first such block: vLLM shares a block being loaded in a step with every
+        same-prefix request of that step (a burst, ``n > 1`` sampling) as soon as it is allocated."""
+        readers: dict[str, int] = {}
+        for req_id in self._reqs:
+            if req_id in skip:
+                continue
+            try:
+                blocks = self._kv_cache_manager.get_block_ids(req_id)[0]
+            except Exception:  # freed by vLLM already: nothing of it is stored any more
+                continue
+            first = next((i for i, b in enumerate(blocks) if b in invalid), None)
+            if first is not None:
+                readers[req_id] = first * self._block_size // self._C
+        return readers
+
+    def _roll_back(self, st: _ReqState, chunk: int) -> None:
+        """Chunks from ``chunk`` on, and whatever was computed in steps not yet confirmed, are
+        not stored; vLLM recomputes them and they are stored then."""
+        metrics.STATS.add("unsaved_tokens", (st.recorded_upto - st.confirmed_upto) * self._C)
+        st.pending.clear()
+        st.saved_upto = min(st.saved_upto, chunk)
+        st.confirmed_upto = min(st.confirmed_upto, chunk)
+        st.recorded_upto = st.confirmed_upto
+        st.pool_chunks = min(st.pool_chunks, chunk)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self._step += 1
@@ -537,7 +596,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=False))
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             st = self._reqs.get(req_id)
-            if st is None or st.refused or req_id not in computed:
+            if st is None or st.keys is None or st.refused or req_id not in computed:
                 continue
             if st.load is not None:  # loaded inside this step, before its forward pass
                 meta.loads.append(self._load_task(req_id, st, background=False))

@@ -42,6 +42,51 @@ def test_breaker_skips_a_failing_pool():
     assert boom.calls == 2  # the rest never reached the pool
 
 
+class _ReadsTimeOut:
+    """Lookups answer (the chunk is there), every read times out: a node whose data path hangs."""
+
+    name = "reads-time-out"
+
+    def __init__(self) -> None:
+        self.lookups = self.reads = 0
+
+    def prefix_hits(self, keys):
+        self.lookups += 1
+        return len(keys)
+
+    def get_many(self, keys):
+        self.reads += 1
+        raise TimeoutError("read timed out")
+
+    def close(self) -> None:
+        pass
+
+
+def test_failed_reads_open_the_breaker_even_when_lookups_succeed():
+    slow = _ReadsTimeOut()
+    pool = SafePool(slow, breaker_failures=3, breaker_s=60)
+    for _ in range(5):  # what each request does: a lookup that finds its chunk, then a read
+        if pool.prefix_hits([b"k" * 32]):
+            assert pool.get_many_into([b"k" * 32]) == [None]
+    assert (slow.lookups, slow.reads) == (3, 3)  # the breaker opened after the third failed read
+    assert pool.prefix_hits([b"k" * 32]) == 0  # skipped: a miss at no cost
+
+
+def test_a_successful_read_resets_the_read_failures():
+    class _Flaky(_ReadsTimeOut):
+        def get_many(self, keys):
+            self.reads += 1
+            if self.reads % 2:
+                raise TimeoutError("read timed out")
+            return [b"v"] * len(keys)
+
+    flaky = _Flaky()
+    pool = SafePool(flaky, breaker_failures=2, breaker_s=60)
+    for _ in range(6):
+        pool.get_many([b"k" * 32])
+    assert flaky.reads == 6  # never two failures in a row: the breaker stayed closed
+
+
 def test_remote_pool_that_is_down_answers_fast():
     pool = open_pool("grpc://127.0.0.1:9", memory_bytes=0, disk_dir=None, disk_bytes=0, timeout_s=0.2)
     t0 = time.perf_counter()

@@ -82,7 +82,7 @@ def test_an_image_without_an_identifier_is_refused():
 def test_lora_keys_carry_the_adapter_weights_not_only_its_name(tmp_path):
     one = ensure_tiny_lora(tmp_path / "one", seed=1)
     two = ensure_tiny_lora(tmp_path / "two", seed=2)
-    adapters = AdapterDigests()
+    adapters = AdapterDigests(recheck_s=0)  # stat the files at every request
     base = _keys(_request(), adapters)
     a1 = _keys(_request(lora=LoRARequest("a", 1, str(one))), adapters)
     a1_again = _keys(_request(lora=LoRARequest("a", 5, str(one))), adapters)  # another int id

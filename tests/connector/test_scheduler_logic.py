@@ -141,7 +141,7 @@ class Harness:
             r.num_computed_tokens += n
         return meta
 
-    def output(self, meta, failed_by_rank=({}, {}), finished_recving=None):
+    def output(self, meta, failed_by_rank=({}, {}), finished_recving=None, invalid_block_ids=()):
         """Both workers' reports for ``meta``'s step, aggregated as vLLM does, then seen by the
         scheduler. ``failed_by_rank[r]`` = {request: first chunk that failed on worker r};
         ``finished_recving``: background loads every worker reported done."""
@@ -152,7 +152,11 @@ class Harness:
         for other in reports[1:]:
             agg = agg.aggregate(other)
         self.conn.update_connector_output(
-            KVConnectorOutput(kv_connector_worker_meta=agg, finished_recving=finished_recving)
+            KVConnectorOutput(
+                kv_connector_worker_meta=agg,
+                finished_recving=finished_recving,
+                invalid_block_ids=set(invalid_block_ids),
+            )
         )
 
 
@@ -164,6 +168,8 @@ def _saved(meta, req_id: str) -> list[int]:
 def _put_chunks(h: Harness, r: Request, n: int) -> None:
     """Chunks [0, n) of ``r`` for both ranks, as a previous engine would have stored them."""
     st = h.conn._state(r)
+    if st.keys is None:  # hashed by the first lookup; here before it
+        h.conn._hash_keys(st, r)
     h.pool.put_many([(st.keys[rank][i], b"kv") for i in range(n) for rank in (0, 1)])
 
 
@@ -384,3 +390,118 @@ def test_a_slow_pool_never_holds_up_a_scheduling_step(config):
         assert answers[-1] == (0, False)
     finally:
         silent.close()
+
+
+def _count_lookups(h: Harness) -> list[int]:
+    """The number of keys of every lookup the connector sends to its pool, from now on."""
+    calls: list[int] = []
+    inner = h.conn._pool.pool
+    ask = inner.lease_prefix
+
+    def counted(keys, lease_ms):
+        calls.append(len(keys))
+        return ask(keys, lease_ms)
+
+    inner.lease_prefix = counted
+    return calls
+
+
+@pytest.mark.parametrize("failed_chunk", [0, 1])
+def test_a_chunk_whose_load_failed_is_never_loaded_again_by_that_request(config, failed_chunk):
+    """A background load fails at ``failed_chunk`` while the pool still holds it (a read that
+    times out, a chunk no engine can read). vLLM resets the request and asks again: the next
+    lookup stops before that chunk (none at all when it was the first), so the request recomputes
+    once instead of loading the same chunk round after round."""
+    h = Harness(config, load_async="true")
+    r = h.request(f"retry{failed_chunk}", ids(330, 30 + failed_chunk))
+    _put_chunks(h, r, 3)
+    lookups = _count_lookups(h)
+    assert h.lookup(r) == (192, True)
+    h.table.alloc(r.request_id, 338)
+    h.conn.update_state_after_alloc(r, None, 192)
+    m1 = h.step()
+    h.output(m1, ({r.request_id: failed_chunk}, {}), finished_recving={r.request_id})
+    for _ in range(3):  # vLLM truncates the request at the failed chunk and asks again
+        computed = failed_chunk * C
+        assert h.lookup(r, computed) == (0, False)
+        h.conn.update_state_after_alloc(r, None, 0)
+    assert lookups == [10]  # 5 chunks x 2 ranks, once
+    r.num_computed_tokens = failed_chunk * C
+    m2 = h.step(new=[(r, 330 - failed_chunk * C)])
+    assert m2.loads == []
+    h.output(m2)
+    assert _saved(h.step(running=[(r, 1)]), r.request_id) == list(range(failed_chunk, 5))
+
+
+def test_requests_that_read_a_block_whose_load_failed_store_nothing_of_that_step(config):
+    """vLLM shares the blocks a request loads in a step with every same-prefix request scheduled
+    in that step (a burst, n > 1 sampling). The load fails at chunk 1: vLLM reports the blocks
+    as invalid, and the other request, which computed its chunks 3-4 over them, stores nothing
+    of that step; once recomputed, its chunks are stored."""
+    h = Harness(config)
+    loader, reader = h.request("loader", ids(330, 40)), h.request("reader", ids(330, 40))
+    _put_chunks(h, loader, 3)
+    assert h.admit(loader) == 192
+    h.table.blocks["reader"] = h.table.blocks["loader"][:6] + [900 + i for i in range(5)]
+    assert h.lookup(reader, 192) == (0, False)  # vLLM's own prefix cache had it
+    h.conn.update_state_after_alloc(reader, None, 0)
+    reader.num_computed_tokens = 192
+    m1 = h.step(new=[(loader, 330 - 192), (reader, 330 - 192)])
+    invalid = h.table.blocks["loader"][2:6]  # chunks 1-2 of the load
+    h.output(m1, ({"loader": 1}, {}), invalid_block_ids=invalid)
+    loader.num_computed_tokens = reader.num_computed_tokens = 64  # vLLM: recompute from block 2
+    m2 = h.step(running=[(loader, 330 - 64), (reader, 330 - 64)])
+    assert _saved(m2, "reader") == [] and _saved(m2, "loader") == []
+    h.output(m2)
+    m3 = h.step(running=[(loader, 1), (reader, 1)])
+    assert _saved(m3, "loader") == [1, 2, 3, 4]
+    assert _saved(m3, "reader") == [1, 2, 3, 4]
+
+
+def test_negative_control_a_request_that_shares_no_failed_block_stores_its_step(config):
+    """The same schedule, but the invalid blocks are not the reader's: its chunks 3-4 are stored
+    right after the step, so the test above would catch a connector that looked only at the
+    request that loaded."""
+    h = Harness(config)
+    loader, reader = h.request("loader2", ids(330, 41)), h.request("reader2", ids(330, 41))
+    _put_chunks(h, loader, 3)
+    h.admit(loader)
+    h.table.alloc("reader2", 338)
+    assert h.lookup(reader, 192) == (0, False)
+    h.conn.update_state_after_alloc(reader, None, 0)
+    reader.num_computed_tokens = 192
+    m1 = h.step(new=[(loader, 330 - 192), (reader, 330 - 192)])
+    h.output(m1, ({"loader2": 1}, {}), invalid_block_ids=h.table.blocks["loader2"][2:6])
+    m2 = h.step(running=[(loader, 1), (reader, 1)])
+    assert _saved(m2, "reader2") == [3, 4] and _saved(m2, "loader2") == []
+
+
+def test_fp8_kv_without_known_scales_is_refused_not_shared(config):
+    """A quantised KV cache whose k/v scales the worker cannot read is a worker refusal (the cache
+    turns off), never a fingerprint shared by every such engine; known scales are in the digest."""
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvpool.connector.vllm import KVPoolConnector
+
+    cfg = config(2)
+    cfg.cache_config.cache_dtype = "fp8"
+    conn = KVPoolConnector(cfg, KVConnectorRole.WORKER)
+    layer = "model.layers.0.self_attn.attn"
+    conn.register_kv_caches({layer: torch.zeros(4, 2, BS, 64, dtype=torch.uint8)})
+    assert any("without known k/v scales" in r for r in conn._report.refusals)
+    assert conn._report.kv_quant == "" and conn._enabled is False
+
+    class Attn(torch.nn.Module):
+        kv_cache_dtype = "fp8"
+
+        def __init__(self, k: float) -> None:
+            super().__init__()
+            self.register_buffer("_k_scale", torch.tensor(k))
+            self.register_buffer("_v_scale", torch.tensor(1.0))
+
+    digests = []
+    for k in (1.0, 0.5):
+        cfg.compilation_config.static_forward_context[layer] = Attn(k)
+        digests.append(conn._kv_quant())
+    assert None not in digests and digests[0] != digests[1]
