@@ -5,15 +5,22 @@
 It compiles against the torch already in this environment (torch.utils.cpp_extension), never in an
 isolated build environment that would download another torch. The C++ CPU kernels are always built;
 the CUDA kernels too when this torch is a CUDA build and a CUDA toolkit (nvcc) is found
-(KVPOOL_CSRC_CUDA=0 leaves them out, =1 makes their absence an error). The .so is ignored by git;
-without it kvpool runs on the pure-torch reference (kvpool.connector.kvcopy).
+(KVPOOL_CSRC_CUDA=0 leaves them out). Where CUDA is asked for — KVPOOL_CSRC_CUDA=1 or `--cuda`, as
+`scripts/install.sh cuda` and `scripts/gpu-check.sh` do — the build exits non-zero, with the reason,
+when the CUDA kernels cannot be built or their build fails, or the module built lacks them: it never
+falls back to a C++-only build then. The .so is ignored by git; without it kvpool runs on the
+pure-torch reference (kvpool.connector.kvcopy).
+
+    .venv/bin/python csrc/build.py --cuda  # the CUDA kernels or an error (= KVPOOL_CSRC_CUDA=1)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -73,35 +80,77 @@ def _build(with_cuda: bool) -> None:
     )
 
 
-def main() -> int:
-    _find_cuda_home()
+def cuda_support() -> str | None:
+    """None when the CUDA kernels can be built here, else why not (call after _find_cuda_home)."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build (no CUDA); install a CUDA torch (scripts/install.sh cuda)"
+    if CUDA_HOME is None:
+        return "no CUDA toolkit was found (nvcc and its headers: set CUDA_HOME, or put nvcc on PATH)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     wanted = os.environ.get("KVPOOL_CSRC_CUDA", "auto")
-    can_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    if wanted == "1" and not can_cuda:
-        print(
-            f"csrc: KVPOOL_CSRC_CUDA=1 but torch {torch.__version__} has no CUDA or no toolkit was found",
-            file=sys.stderr,
-        )
+    for arg in args:
+        if arg not in ("--cuda", "--no-cuda"):
+            print(
+                f"usage: {Path(__file__).name} [--cuda | --no-cuda]  (unknown argument {arg!r})",
+                file=sys.stderr,
+            )
+            return 2
+        wanted = "1" if arg == "--cuda" else "0"
+    _find_cuda_home()
+    why_not = cuda_support()
+    if wanted == "1" and why_not is not None:
+        print(f"csrc: error: the CUDA kernels were asked for but cannot be built: {why_not}", file=sys.stderr)
         return 1
-    if can_cuda and wanted != "0":
+    if why_not is None and wanted != "0":
         try:
             _build(with_cuda=True)
-            return _report()
+            return _report(with_cuda=True)
         except (Exception, SystemExit) as exc:  # setuptools reports a failed compile as SystemExit
             if wanted == "1":
-                raise
+                print(
+                    f"csrc: error: the CUDA build failed ({exc}); CUDA was asked for, so no C++-only"
+                    " module is built in its place (the compiler's output is above)",
+                    file=sys.stderr,
+                )
+                return 1
             print(f"csrc: the CUDA build failed ({exc}); building the C++ kernels only", file=sys.stderr)
     _build(with_cuda=False)
-    return _report()
+    return _report(with_cuda=False)
 
 
-def _report() -> int:
+def _report(with_cuda: bool) -> int:
     built = sorted((ROOT / "connector").glob("_kvcopy*.so"))
     print(f"csrc: wrote {', '.join(str(p.relative_to(ROOT)) for p in built)}")
-    return 0 if built else 1
+    if not built:
+        return 1
+    if with_cuda and not _has_cuda_kernels(
+        ROOT / "connector" / f"_kvcopy{sysconfig.get_config_var('EXT_SUFFIX')}"
+    ):
+        print("csrc: error: the module built has no CUDA kernels (cuda_built() is false)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _has_cuda_kernels(path: Path) -> bool:
+    """Load the built module in a fresh Python (after torch, as kvpool does) and ask it."""
+    code = (
+        "import importlib.util, sys, torch\n"
+        "spec = importlib.util.spec_from_file_location('_kvcopy', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "sys.exit(0 if module.cuda_built() else 3)\n"
+    )
+    done = subprocess.run([sys.executable, "-P", "-c", code, str(path)], capture_output=True, text=True)
+    if done.returncode not in (0, 3):
+        print(f"csrc: could not load {path.name}: {done.stderr.strip()[-2000:]}", file=sys.stderr)
+    return done.returncode == 0
 
 
 if __name__ == "__main__":

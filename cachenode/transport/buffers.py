@@ -10,6 +10,7 @@ which is also what O_DIRECT reads and RDMA registrations want.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -18,6 +19,17 @@ import time
 from ..tiers.arena import Arena
 
 log = logging.getLogger("kvpool.buffers")
+
+_default_device: int | None = None  # see set_default_device
+
+
+def set_default_device(index: int | None) -> None:
+    """The CUDA device under whose context pools made without a ``device`` pin their arena. A vLLM
+    worker process drives one GPU (its TP rank's); the connector names it when it starts, so that
+    buffers made later on any thread (the pool client's receive buffers on its fan-out threads)
+    never register under GPU 0, the current device of a thread that selected none."""
+    global _default_device
+    _default_device = index
 
 
 class PooledBuffer:
@@ -46,18 +58,27 @@ class PooledBuffer:
 
 
 class BufferPool:
-    """Hands out page-aligned buffers from one arena; waits (bounded) when the budget is spent."""
+    """Hands out page-aligned buffers from one arena; waits (bounded) when the budget is spent.
 
-    def __init__(self, budget: int, *, pin: bool | None = None, prefault: bool = True) -> None:
+    ``device``: the CUDA device whose context registers (pins) the arena, selected for the call,
+    e.g. a vLLM worker's GPU; None takes the process's default (``set_default_device``), else the
+    calling thread's current device, which is GPU 0 in a thread that never selected one."""
+
+    def __init__(
+        self, budget: int, *, pin: bool | None = None, prefault: bool = True, device: int | None = None
+    ) -> None:
         self.arena = Arena(budget)
         self._cond = threading.Condition()
         self.pinned = False
+        self.device = device if device is not None else _default_device
         if prefault:  # pay the page faults now, not on the first receive
             view = self.arena.view(0, self.arena.capacity)
             view[::4096] = b"\0" * len(range(0, self.arena.capacity, 4096))
             view.release()
         if pin is not False:
-            self.pinned = _pin(self.arena.region.address, self.arena.capacity, required=pin is True)
+            self.pinned = _pin(
+                self.arena.region.address, self.arena.capacity, required=pin is True, device=self.device
+            )
 
     @property
     def capacity(self) -> int:
@@ -92,13 +113,19 @@ class BufferPool:
 
     def close(self) -> None:
         if self.pinned:
-            _unpin(self.arena.region.address)
+            _unpin(self.arena.region.address, self.device)
             self.pinned = False
         self.arena.close()
 
 
-def _pin(address: int, nbytes: int, *, required: bool) -> bool:
-    """Page-lock the range for CUDA where the process already uses torch with CUDA.
+def _on_device(torch, device: int | None):
+    """The CUDA device ``device`` selected for the calls inside (the caller's current one if None)."""
+    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
+
+
+def _pin(address: int, nbytes: int, *, required: bool, device: int | None = None) -> bool:
+    """Page-lock the range for CUDA where the process already uses torch with CUDA, under
+    ``device``'s context (see BufferPool).
 
     Never imports torch itself: a node or a client without torch has nothing to pin for."""
     torch = sys.modules.get("torch")
@@ -108,7 +135,8 @@ def _pin(address: int, nbytes: int, *, required: bool) -> bool:
 
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
-        err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
+        with _on_device(torch, device):
+            err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister failed with error {int(err)}")
         return True
@@ -119,5 +147,7 @@ def _pin(address: int, nbytes: int, *, required: bool) -> bool:
         return False
 
 
-def _unpin(address: int) -> None:
-    sys.modules["torch"].cuda.cudart().cudaHostUnregister(address)
+def _unpin(address: int, device: int | None = None) -> None:
+    torch = sys.modules["torch"]
+    with _on_device(torch, device):
+        torch.cuda.cudart().cudaHostUnregister(address)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,8 @@ def test_bench_copy_json_contract(layout):
         assert figures[f"spread_{key}"]["min"] <= figures[key] <= figures[f"spread_{key}"]["max"]
     assert figures["cpu_layout"] == ("cpu" if layout == "auto" else "mla")
     assert figures["mib_per_call"] > 0
+    if os.environ.get("KVPOOL_REQUIRE_CUDA") == "1":  # scripts/gpu-check.sh: the GPU figures must run
+        assert not figures["gpu"].startswith("skipped"), figures["gpu"]
     if figures["gpu"].startswith("skipped"):
         assert "ratio_load_vs_h2d" not in figures
     else:

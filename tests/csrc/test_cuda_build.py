@@ -43,7 +43,12 @@ def _cuda_include(nvcc: Path) -> Path | None:
 
 
 NVCC = _nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="no CUDA toolkit (nvcc) on this machine")
+_NO_NVCC = pytest.mark.skipif(NVCC is None, reason="no CUDA toolkit (nvcc) on this machine")
+
+
+def needs_nvcc(test):
+    """Skipped without nvcc; a failure instead under KVPOOL_REQUIRE_CUDA=1 (tests/conftest.py)."""
+    return pytest.mark.cuda(_NO_NVCC(test))
 
 
 @needs_nvcc
