@@ -50,6 +50,14 @@ class ModelFingerprint:
     k/v scales ("none" when the cache is not quantised). ``model_dtype`` is the dtype the model
     computes in and ``config_digest`` a digest of the model config (rope scaling and other
     overrides change K without changing the model name).
+
+    The model is identified by content (connector/model_identity.py): ``weights`` is the hub
+    snapshot's commit or a blake3 of the weight files, never a path. ``model`` is only a name for
+    humans (the ``model_id`` setting, "" by default): two names never share, but one name never
+    makes two weight sets share. ``revision`` is superseded by ``weights`` (left ""). The software
+    and device that computed the KV change its bits too: ``vllm_version``, ``torch_version``,
+    ``cuda_version``, ``device_capability`` (e.g. "cuda:9.0", "cpu:x86_64:AVX512") and
+    ``attn_variant`` (e.g. "fa3"; "" for backends without variants).
     """
 
     model: str
@@ -68,6 +76,12 @@ class ModelFingerprint:
     kv_quant: str = ""
     model_dtype: str = ""
     config_digest: str = ""
+    weights: str = ""
+    vllm_version: str = ""
+    torch_version: str = ""
+    cuda_version: str = ""
+    device_capability: str = ""
+    attn_variant: str = ""
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:

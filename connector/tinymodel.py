@@ -139,11 +139,15 @@ def _tokenizer(extra_special: tuple[str, ...] = ()):
 
 
 def ensure_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Create the model once under ``path`` (default ``~/.cache/kvpool/tiny-llama``); reuse it after."""
+    """Create the model once under ``path`` (default ``~/.cache/kvpool/tiny-llama``); reuse it after.
+    Another ``seed`` gives other weights (same shapes): asked for at a path that holds a model of
+    another seed, the weights there are overwritten in place."""
     out = Path(path) if path else default_dir()
     marker = out / "kvpool-tiny.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == _VERSION:
-        return out
+    if marker.exists():
+        made = json.loads(marker.read_text())
+        if made.get("version") == _VERSION and made.get("seed", 0) == seed:
+            return out
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -159,7 +163,7 @@ def ensure_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> P
     )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
-    marker.write_text(json.dumps({"version": _VERSION, **CONFIG}))
+    marker.write_text(json.dumps({"version": _VERSION, "seed": seed, **CONFIG}))
     return out
 
 

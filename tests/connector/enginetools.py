@@ -66,6 +66,11 @@ def fingerprints(log: str) -> dict[tuple[int, int], ModelFingerprint]:
     return found
 
 
+def all_fingerprints(log: str) -> list[ModelFingerprint]:
+    """Every fingerprint the log holds, in order (one per rank of each engine a run started)."""
+    return [ModelFingerprint(**json.loads(body)) for _tp, _pp, body in _FP_LINE.findall(log)]
+
+
 def chunk_spec(fp: ModelFingerprint, key: bytes) -> chunkfmt.ChunkSpec:
     return chunkfmt.ChunkSpec(
         key,

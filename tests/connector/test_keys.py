@@ -70,6 +70,12 @@ def test_tail_does_not_change_full_chunk_keys():
         ("kv_dtype", "fp8_e4m3"),
         ("model_dtype", "float16"),
         ("config_digest", "rope-scaled"),
+        ("weights", "blake3:fine-tuned"),
+        ("vllm_version", "0.33.0"),
+        ("torch_version", "2.10.0"),
+        ("cuda_version", "12.9"),
+        ("device_capability", "cuda:8.0"),
+        ("attn_variant", "fa2"),
     ],
 )
 def test_every_fingerprint_field_changes_every_key(field, value):
