@@ -275,6 +275,9 @@ class SafePool:
         self._queue: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(maxsize=queue_items)
         self._writer: threading.Thread | None = None
         self._closed = False
+        self._abandoned = False  # past the shutdown deadline: queued writes are dropped, not sent
+        self._queued_chunks = 0  # chunks handed to the background writer (ever)
+        self._stored_chunks = 0  # ... of which written
 
     # -- failure handling ----------------------------------------------------------------
     def _available(self) -> bool:
@@ -396,6 +399,7 @@ class SafePool:
         except queue.Full:
             metrics.ERRORS.labels(kind="put:queue_full").inc()
             return False
+        self._queued_chunks += len(items)
         return True
 
     def _put_now(self, items: list[tuple[bytes, bytes]]) -> bool:
@@ -420,22 +424,46 @@ class SafePool:
             try:
                 if items is None:
                     return
-                if self._available():
-                    self._put_now(items)
+                if not self._abandoned and self._available() and self._put_now(items):
+                    self._stored_chunks += len(items)
             finally:
                 self._queue.task_done()
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) for queued writes; used at shutdown and by tests."""
-        deadline = time.monotonic() + timeout
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait (bounded) for queued writes; True when none is left. Used at shutdown and by
+        tests; takes no lock (safe in a signal handler)."""
+        deadline = time.monotonic() + max(0.0, timeout)
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.002)
+        return not self._queue.unfinished_tasks
 
-    def close(self) -> None:
+    def warm(self) -> None:
+        """Open the pool's connections now (one lookup and one read of a key nobody stores), so
+        that the first save is not the call that pays for them: at a Ctrl-C, vLLM's API server
+        kills the engine processes within milliseconds, and a save still connecting is lost."""
+        probe = [b"kvpool-warm-up-probe".ljust(32, b"\0")]
+        self.prefix_hits(probe)
+        for held in self.get_many_into(probe):
+            if held is not None:
+                held.release()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush the background writer (bounded by ``timeout`` seconds; what is still queued then
+        is dropped, and the log says so), then close the pool."""
         if self._closed:
             return
-        self.flush()
+        stored0, t0 = self._stored_chunks, time.monotonic()
+        done = self.flush(timeout)
+        self._abandoned = True
         self._closed = True
+        if self._queued_chunks:  # the background queue was used: say what became of it
+            log.info(
+                "kvpool: %s write queue flushed in %.1f ms: %d chunks stored then, %d of %d queued "
+                "stored in all, %d dropped%s",
+                self.name, 1000 * (time.monotonic() - t0), self._stored_chunks - stored0,
+                self._stored_chunks, self._queued_chunks, self._queued_chunks - self._stored_chunks,
+                "" if done else f" (unwritten at the {1000 * timeout:.0f} ms deadline)",
+            )  # fmt: skip
         if self._writer is not None:
             self._queue.put(None)
         if self.pool is not None:

@@ -40,11 +40,12 @@ class ConnectorSettings:
     load_async: str = "auto"  # "auto" (remote pools: yes; embedded pool: no), "true", "false"
     lookup_wait_ms: float = 0.3  # the scheduler waits at most this long for a lookup, then asks again
     save_buffer: int = 1 << 30  # host bytes (pinned on GPUs) for chunks copied out, not yet written
-    model_id: str | None = None  # fingerprint model name (default: the model path/name vLLM got)
+    model_id: str | None = None  # a name added to the fingerprint (the weights' digest identifies the model)
     load_failure_policy: str = "recompute"  # what vLLM does when a load fails
     lease_ms: int = 10_000  # a lookup pins what it found this long (until the worker read it); 0 = off
     auth_token: str | None = field(default=None, repr=False)  # bearer token of a pool with auth on
     auth_token_file: str | None = None  # ... or the file that holds it (a mounted Secret)
+    shutdown_flush_ms: float = 5000.0  # at shutdown / SIGINT / SIGTERM, wait this long for queued saves
 
 
 _FIELDS = {
@@ -65,6 +66,7 @@ _FIELDS = {
     "lease_ms": int,
     "auth_token": str,
     "auth_token_file": str,
+    "shutdown_flush_ms": float,
 }
 
 
@@ -92,6 +94,8 @@ def load_settings(extra: dict[str, Any] | None, env: dict[str, str] | None = Non
         raise ValueError("lookup_wait_ms must be between 0 and 1000")
     if s.save_buffer < 0:
         raise ValueError("save_buffer must not be negative")
+    if not 0 <= s.shutdown_flush_ms <= 600_000:
+        raise ValueError("shutdown_flush_ms must be between 0 and 600000")
     return s
 
 
