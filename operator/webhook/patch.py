@@ -8,7 +8,8 @@ what this returns. An opted-in vLLM pod gets, without an image rebuild:
 - the agent `kvpool-agent` as a native sidecar (an init container with `restartPolicy: Always`)
   whose shared-memory arena lives in the memory-backed volume `kvpool-arena`, mounted into vLLM too;
 - on the vLLM container: `--kv-transfer-config` naming KVPoolConnector by module path, and only the
-  client settings (`KVPOOL_URL`, `KVPOOL_CHUNK_SIZE`, the token by Secret reference, the CA).
+  client settings (`KVPOOL_URL`, `KVPOOL_CHUNK_SIZE`, the token by Secret reference, the CA);
+  `--shutdown-timeout` too when the container sets none (``shutdown_timeout_args``).
 
 Anything it will not or cannot do is a skip: the pod is admitted as it came, with the reason in
 the annotation `kvpool.io/skip-reason`. A pod already injected is admitted unchanged.
@@ -52,6 +53,12 @@ AGENT_URL = f"grpc://127.0.0.1:{AGENT_PORT}"
 ARENA_SLACK = 64 * MiB
 """Room in the arena volume beyond the arena itself (the agent's small files beside it)."""
 RUN_AS = 10001
+SHUTDOWN_TIMEOUT_S = 10
+"""vLLM's `--shutdown-timeout` for an injected pod that sets none. vLLM's default, 0, kills the engine
+the moment the pod gets SIGTERM: chunks the connector is still writing then never reach the pool.
+Given time, the engine shuts down and the connector flushes them (`shutdown_flush_ms`, 5 s)."""
+SHUTDOWN_MARGIN_S = 5
+"""Seconds of the pod's termination grace period left for vLLM's own teardown after that."""
 
 PAYLOAD_VOLUME, ARENA_VOLUME, TMP_VOLUME = "kvpool-python", "kvpool-arena", "kvpool-tmp"
 CA_VOLUME, AUTH_VOLUME = "kvpool-ca", "kvpool-auth"
@@ -293,6 +300,16 @@ def _append(ops: list[dict[str, Any]], obj: dict[str, Any], base: tuple[str | in
         ops += [{"op": "add", "path": _pointer(*base, key, "-"), "value": item} for item in items]
 
 
+def shutdown_timeout_args(cmd: vllm_command.VllmCommand, pod_spec: dict[str, Any]) -> list[str]:
+    """`--shutdown-timeout N` unless the container sets one: N is ``SHUTDOWN_TIMEOUT_S``, or less when
+    the pod's termination grace period (Kubernetes' default 30 s) leaves less room."""
+    if cmd.has(vllm_command.SHUTDOWN_TIMEOUT_FLAGS):
+        return []
+    grace = pod_spec.get("terminationGracePeriodSeconds")
+    grace = 30 if grace is None else int(grace)
+    return ["--shutdown-timeout", str(max(1, min(SHUTDOWN_TIMEOUT_S, grace - SHUTDOWN_MARGIN_S)))]
+
+
 def _inject(pod: dict[str, Any], s: PoolSettings, pool_ref: str) -> list[dict[str, Any]]:
     spec = pod.get("spec") or {}
     index, cmd = _vllm_container(pod)
@@ -334,7 +351,15 @@ def _inject(pod: dict[str, Any], s: PoolSettings, pool_ref: str) -> list[dict[st
     _append(ops, container, base, "env", new_env)
     _append(ops, container, base, "volumeMounts", mounts)
     _append(
-        ops, container, base, "args", ["--kv-transfer-config", json.dumps(CONNECTOR, separators=(",", ":"))]
+        ops,
+        container,
+        base,
+        "args",
+        [
+            *shutdown_timeout_args(cmd, spec),
+            "--kv-transfer-config",
+            json.dumps(CONNECTOR, separators=(",", ":")),
+        ],
     )
     ops += _annotate(pod, {INJECTED_ANNOTATION: pool_ref}, remove=(SKIP_ANNOTATION,))
     return ops

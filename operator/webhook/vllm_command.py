@@ -15,6 +15,7 @@ from typing import Any
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 TRANSFER_CONFIG_FLAGS = ("--kv-transfer-config", "--kv_transfer_config")
 BLOCK_SIZE_FLAGS = ("--block-size", "--block_size")
+SHUTDOWN_TIMEOUT_FLAGS = ("--shutdown-timeout", "--shutdown_timeout")
 _SHELLS = {"sh", "bash", "dash", "ash", "zsh"}
 _LAUNCHERS = {"env", "tini", "dumb-init"}
 _PYTHON = re.compile(r"^python[0-9.]*$")

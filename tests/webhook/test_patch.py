@@ -39,7 +39,12 @@ def test_each_shape_is_injected_or_skipped_with_its_reason(shape: str) -> None:
         vllm = container(patched, vllm_name)
         words = vllm_command.argv(vllm)
         assert words[-2:] == ["--kv-transfer-config", CONNECTOR]
-        assert words[:-2] == vllm_command.argv(container(original, vllm_name))  # appended, nothing rewritten
+        before = vllm_command.argv(container(original, vllm_name))
+        added = words[len(before) : -2]  # appended, nothing rewritten
+        assert words[: len(before)] == before
+        assert added in ([], ["--shutdown-timeout", "10"]) and (added == []) == (
+            "--shutdown-timeout" in " ".join(before)
+        )
         env = env_of(vllm)
         assert env["KVPOOL_URL"] == "grpc://127.0.0.1:7420" and env["KVPOOL_CHUNK_SIZE"] == "256"
         assert env["PYTHONPATH"].split(":")[0] == patch.PAYLOAD_DIR
@@ -177,8 +182,26 @@ def test_pod_without_annotations_or_args_gets_them_created() -> None:
     assert patched["metadata"]["annotations"] == {patch.SKIP_ANNOTATION: decision.reason}
     obj["metadata"]["annotations"] = {"kvpool.io/pool": "kvpool"}
     decision, patched = admit(obj, pool())
-    assert container(patched, "v")["args"] == ["--kv-transfer-config", CONNECTOR]
+    assert container(patched, "v")["args"] == ["--shutdown-timeout", "10", "--kv-transfer-config", CONNECTOR]
     assert json.loads(CONNECTOR)["kv_connector_module_path"] == "kvpool.connector.vllm"
+
+
+@pytest.mark.parametrize(
+    ("grace", "args", "expected"),
+    [
+        (None, [], ["--shutdown-timeout", "10"]),  # Kubernetes' default grace period, 30 s
+        (12, [], ["--shutdown-timeout", "7"]),  # 5 s of the grace period left for vLLM's teardown
+        (3, [], ["--shutdown-timeout", "1"]),
+        (None, ["--shutdown-timeout", "60"], []),  # the user's own value is kept
+        (None, ["--shutdown_timeout=0"], []),
+    ],
+)
+def test_the_engine_gets_time_to_flush_its_saves_on_sigterm(grace, args, expected) -> None:
+    """vLLM's default --shutdown-timeout 0 kills the engine the moment the pod gets SIGTERM, before
+    the connector can write the chunks it holds: injected pods get time unless they chose."""
+    cmd = vllm_command.parse({"command": ["vllm", "serve", "m", *args]})
+    spec = {} if grace is None else {"terminationGracePeriodSeconds": grace}
+    assert patch.shutdown_timeout_args(cmd, spec) == expected
 
 
 @pytest.mark.parametrize(
