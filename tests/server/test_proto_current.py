@@ -32,7 +32,9 @@ def test_generator_is_pinned_to_the_version_that_wrote_the_committed_files():
     assert f"grpcio-tools=={generate.GRPCIO_TOOLS_VERSION}" in extras["test"]
     for proto in generate.PROTOS:
         text = (Path(generate.HERE) / f"{Path(proto).stem}_pb2_grpc.py").read_text()
-        assert re.search(rf"^GRPC_GENERATED_VERSION = '{re.escape(generate.GRPCIO_TOOLS_VERSION)}'$", text, re.M)
+        assert re.search(
+            rf"^GRPC_GENERATED_VERSION = '{re.escape(generate.GRPCIO_TOOLS_VERSION)}'$", text, re.M
+        )
 
 
 def test_generated_code_is_current():
