@@ -18,7 +18,8 @@ payload can be handed to a copy kernel or a DMA engine in place; and a writer ca
 straight into the payload of such a buffer and write the header in front afterwards (``seal``).
 
 Version 1 (a 124-byte header, kvpool before issue 11) is refused with ``ChunkVersionError``: a
-miss, and the reader leaves the value alone (another kvpool version may still read it).
+miss, and the connector deletes it: every lookup would find it again and no engine of this version
+can read it, so the chunk it recomputes must replace it.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpool.cachenode.transport.buffers import BufferPool, PooledBuffer
+from kvpool.cachenode.transport.buffers import BufferPool, PooledBuffer, set_default_device
 
 from . import chunkfmt, kvcopy, metrics
 from .backend import Held, SafePool
@@ -172,6 +172,9 @@ class Loader:
         self._window = max(1, window_bytes // chunk_bytes)
         self._parallel = chunk_bytes >= PARALLEL_VERIFY_BYTES
         self._verifiers: ThreadPoolExecutor | None = None
+        self._device = worker_device(cache.device)  # what this worker's helper threads select first
+        if self._device.type == "cuda":  # and the GPU the pool client's receive buffers pin under
+            set_default_device(self._device.index)
         self._stream = torch.cuda.Stream(cache.device) if cache.cuda else None
         self._staging: BufferPool | None = None  # pinned copies of pageable values (CUDA only)
         self._jobs: queue.Queue[LoadJob | None] = queue.Queue()
@@ -213,6 +216,7 @@ class Loader:
         return done
 
     def _loop(self) -> None:
+        bind_device(self._device)  # before any CUDA call of this thread
         while True:
             job = self._jobs.get()
             if job is None:
@@ -324,7 +328,9 @@ class Loader:
         if self._parallel and len(window) > 1:
             with self._cond:
                 if self._verifiers is None:
-                    self._verifiers = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="kvpool-verify")
+                    self._verifiers = ThreadPoolExecutor(
+                        VERIFY_THREADS, thread_name_prefix="kvpool-verify", initializer=self._bind_thread
+                    )
             payloads = list(self._verifiers.map(self._verify, [p.key for p in window], held))
         else:
             payloads = [self._verify(p.key, h) for p, h in zip(window, held, strict=True)]
@@ -332,6 +338,9 @@ class Loader:
             if payload is None:
                 return payloads[:i] + [None] * (len(payloads) - i)
         return payloads
+
+    def _bind_thread(self) -> None:
+        bind_device(self._device)
 
     def _verify(self, key: bytes, value: Held | None) -> memoryview | None:
         if value is None or value.view is None:
@@ -361,7 +370,11 @@ class Loader:
         if self.cache.cuda and not data.is_pinned():
             with self._cond:
                 if self._staging is None:  # two windows: what a load holds at most
-                    self._staging = BufferPool(2 * self._window * payload.nbytes + (1 << 20), prefault=False)
+                    self._staging = BufferPool(
+                        2 * self._window * payload.nbytes + (1 << 20),
+                        prefault=False,
+                        device=self._device.index,
+                    )
             buf = self._staging.acquire(payload.nbytes)
             if buf is None:
                 raise RuntimeError("pinned staging for pageable values is full")
@@ -416,6 +429,23 @@ def _on(stream):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
+def worker_device(device: torch.device) -> torch.device:
+    """``device`` with its index resolved in the calling (worker) thread: ``cuda`` alone means that
+    thread's current device, which another thread would not know."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def bind_device(device: torch.device) -> None:
+    """Select the worker's CUDA device in a helper thread before its first CUDA call (nothing on
+    the CPU). A new thread starts on device 0: without this, the loader, saver and verify threads of
+    a TP rank >= 1 would open a CUDA context on GPU 0 (and their events, pinned registrations and
+    kernel launches would go there)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def _release(held: list) -> None:
     for h in held:
         h.release()
@@ -462,6 +492,7 @@ class Saver:
         self.pool = pool
         self._budget = budget
         self._buffers: BufferPool | None = None
+        self._device = worker_device(cache.device)  # what the writer thread selects first
         self._stream = torch.cuda.Stream(cache.device) if cache.cuda else None
         self._events: dict[str, list] = {}  # request → CUDA events of gathers not yet seen done
         self._last_event = None
@@ -470,6 +501,13 @@ class Saver:
         self._unfinished = 0
         self._lock = threading.Lock()
         self._closed = False
+        # accounting for the shutdown report; plain ints written by one thread each, read anywhere
+        # (a signal handler must not take a lock the interrupted main thread may hold)
+        self._queued = [0, 0]  # chunks, tokens handed to the writer (ever)
+        self._stored = [0, 0]  # chunks, tokens written to the pool (ever)
+        self._failed = [0, 0]  # chunks, tokens whose write failed or was dropped (ever)
+        self._abandoned = False  # past the shutdown deadline: queued writes are dropped, not sent
+        self._reported = False
 
     def save(self, req_id: str, chunks: list[tuple[chunkfmt.ChunkSpec, list[int]]]) -> int:
         """Copy out each (spec, scheduler blocks) chunk and queue its write; returns how many
@@ -509,6 +547,8 @@ class Saver:
             self._last_event = event
         with self._lock:
             self._unfinished += 1
+            self._queued[0] += len(items)
+            self._queued[1] += sum(spec.token_count for spec, _ in items)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="kvpool-save", daemon=True)
                 self._thread.start()
@@ -517,7 +557,7 @@ class Saver:
 
     def _acquire(self, nbytes: int) -> PooledBuffer | None:
         if self._buffers is None:
-            self._buffers = BufferPool(max(self._budget, nbytes), prefault=False)
+            self._buffers = BufferPool(max(self._budget, nbytes), prefault=False, device=self._device.index)
         try:
             return self._buffers.acquire(nbytes, timeout=0)
         except ValueError:  # a chunk larger than the whole budget
@@ -540,21 +580,27 @@ class Saver:
             torch.cuda.current_stream(self.cache.device).wait_event(self._last_event)
 
     def _loop(self) -> None:
+        bind_device(self._device)  # before any CUDA call of this thread (events, unpinning)
         while True:
             job = self._queue.get()
             if job is None:
                 return
+            ok = False
             try:
-                self._write(job)
+                if not self._abandoned:  # past the shutdown deadline: dropped (reported)
+                    ok = self._write(job)
             except Exception as exc:
                 log.warning("kvpool: save of %s failed (%s)", job.req_id, exc)
                 metrics.ERRORS.labels(kind=f"save:{type(exc).__name__}").inc()
             finally:
                 _release([b for _, b in job.items])
+                if not ok:
+                    self._failed[0] += len(job.items)
+                    self._failed[1] += sum(spec.token_count for spec, _ in job.items)
                 with self._lock:
                     self._unfinished -= 1
 
-    def _write(self, job: _SaveJob) -> None:
+    def _write(self, job: _SaveJob) -> bool:
         if job.event is not None:
             job.event.synchronize()
         for spec, buf in job.items:
@@ -562,26 +608,62 @@ class Saver:
         if self.pool.write([(spec.key, buf.view) for spec, buf in job.items]):
             dt = time.perf_counter() - job.started
             n, tokens = len(job.items), sum(spec.token_count for spec, _ in job.items)
+            self._stored[0] += n
+            self._stored[1] += tokens
             metrics.STATS.observe("store_seconds", dt)
             metrics.STATS.add("stored_tokens", tokens)
             log.info(
                 "Stored %d tokens (%d chunk%s) to %s in %.1f ms",
                 tokens, n, "" if n == 1 else "s", self.pool.name, 1000 * dt,
             )  # fmt: skip
+            return True
+        return False
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) until every queued write is done."""
-        deadline = time.monotonic() + timeout
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait (bounded) until every queued write is done; True when none is left. Takes no lock:
+        safe in a signal handler that interrupted the thread calling ``save``."""
+        deadline = time.monotonic() + max(0.0, timeout)
         while self._unfinished and time.monotonic() < deadline:
-            time.sleep(0.005)
+            time.sleep(0.002)
+        return not self._unfinished
 
-    def close(self, timeout: float = 10.0) -> None:
+    def flush_report(self, timeout: float, why: str, *, final: bool = False) -> dict[str, int]:
+        """Flush (bounded by ``timeout`` seconds) and say in one info line on the ``kvpool``
+        logger what was stored meanwhile and what was dropped (failed, or still unwritten at the
+        deadline). ``final``: what is still queued after the deadline is never sent; a final
+        report with nothing to say is logged only when no report was logged before."""
+        t0 = time.monotonic()
+        stored0, failed0 = list(self._stored), list(self._failed)
+        done = self.flush(timeout)
+        if final:
+            self._abandoned = True
+        queued, stored, failed = list(self._queued), list(self._stored), list(self._failed)
+        unwritten = [q - s_ - f for q, s_, f in zip(queued, stored, failed, strict=True)]
+        got = [stored[i] - stored0[i] for i in (0, 1)]
+        dropped = [failed[i] - failed0[i] + unwritten[i] for i in (0, 1)]
+        report = {
+            "stored_chunks": got[0], "stored_tokens": got[1],
+            "dropped_chunks": dropped[0], "dropped_tokens": dropped[1],
+        }  # fmt: skip
+        if not final or got[0] or dropped[0] or not self._reported:
+            self._reported = True
+            log.info(
+                "kvpool: saves flushed (%s) in %.1f ms: stored %d tokens (%d chunk%s) to %s, "
+                "dropped %d tokens (%d chunk%s)%s",
+                why, 1000 * (time.monotonic() - t0), got[1], got[0], "" if got[0] == 1 else "s",
+                self.pool.name, dropped[1], dropped[0], "" if dropped[0] == 1 else "s",
+                "" if done else f"; {unwritten[0]} chunks unwritten at the {1000 * timeout:.0f} ms deadline",
+            )  # fmt: skip
+        return report
+
+    def close(self, timeout: float = 10.0, why: str = "shutdown") -> None:
+        """Flush (bounded), report, then stop: what is still queued after ``timeout`` is dropped."""
         if self._closed:
             return
-        self.flush(timeout)
+        self.flush_report(timeout, why, final=True)
         self._closed = True
         if self._thread is not None:
             self._queue.put(None)
-            self._thread.join(timeout)
+            self._thread.join(min(timeout, 1.0))
         if self._buffers is not None and not self._unfinished:
             self._buffers.close()

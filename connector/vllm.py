@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,7 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from . import chunkfmt, kvcopy, metrics
+from . import chunkfmt, kvcopy, metrics, model_identity, shutdown
 from .backend import SafePool, open_pool
 from .eligibility import EngineShape, WorkerView, engine_refusals, worker_layout
 from .keys import ModelFingerprint, chunk_keys
@@ -146,14 +147,26 @@ class WorkerReport(KVConnectorHandshakeMetadata):
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    # the model's identity by content and what computed its KV (model_identity.py)
+    weights: str = ""
+    vllm_version: str = ""
+    torch_version: str = ""
+    cuda_version: str = ""
+    device_capability: str = ""
+    attn_variant: str = ""
 
 
 @dataclass
 class _ReqState:
-    keys: dict[int, list[bytes]]  # rank → keys of every full prompt chunk
+    # rank → keys of every full prompt chunk; None until the first lookup (in a lookup thread,
+    # off the scheduler's) has hashed them
+    keys: dict[int, list[bytes]] | None
     prompt_tokens: int
     refused: str | None = None
     pool_chunks: int = 0  # leading chunks the pool held at the last lookup
+    # the first chunk whose load failed: never loaded again for this request, and no lookup goes
+    # past it (a fresh lookup would find the same chunk and the request would load it forever)
+    load_limit: int | None = None
     pinned: int = 0  # interleaved keys the lookup's lease pinned
     lease: tuple[int, float] | None = None  # (lease id, local expiry) of the last lookup
     lookup: Future | None = None  # a lookup not yet answered
@@ -183,15 +196,16 @@ def fingerprint_for(
     vllm_config: VllmConfig, settings: ConnectorSettings, report: WorkerReport
 ) -> ModelFingerprint:
     """The model fingerprint of one worker, computed identically by the scheduler (from the
-    worker's report) and by the worker itself."""
+    worker's report) and by the worker itself. The model is its weights' digest (the report's),
+    never its path; ``model_id`` only adds a name (two names never share)."""
     from vllm.platforms import current_platform
 
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     model_dtype = str(mc.dtype).removeprefix("torch.")
     kv_dtype = cc.cache_dtype if cc.cache_dtype != "auto" else model_dtype
     return ModelFingerprint(
-        model=settings.model_id or str(mc.model),
-        revision=str(mc.revision or ""),
+        model=settings.model_id or "",
+        revision="",  # the weights digest says which revision
         kv_dtype=str(kv_dtype),
         kv_layout=f"LKTHD/{current_platform.device_type}",
         num_layers=report.num_layers,
@@ -206,6 +220,12 @@ def fingerprint_for(
         kv_quant=report.kv_quant,
         model_dtype=model_dtype,
         config_digest=_config_digest(vllm_config),
+        weights=report.weights,
+        vllm_version=report.vllm_version,
+        torch_version=report.torch_version,
+        cuda_version=report.cuda_version,
+        device_capability=report.device_capability,
+        attn_variant=report.attn_variant,
     )
 
 
@@ -300,6 +320,21 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._kv_transfer_config.kv_load_failure_policy = "recompute"
         if self._refusals:
             log.warning("kvpool: cache off for this engine: %s", "; ".join(self._refusals))
+        grace_s = float(getattr(vllm_config, "shutdown_timeout", 0) or 0)
+        if (
+            role == KVConnectorRole.SCHEDULER
+            and s.save
+            and not self._refusals
+            and grace_s * 1000 < s.shutdown_flush_ms
+        ):
+            # `vllm serve` stopped by Ctrl-C or SIGTERM kills its engine after --shutdown-timeout
+            # seconds: sooner than the saver's flush deadline, chunks still being written are lost
+            log.info(
+                "kvpool: vLLM's --shutdown-timeout is %g s; a `vllm serve` stopped by Ctrl-C or SIGTERM "
+                "kills this engine before the connector can write the chunks it still holds (they are "
+                "recomputed later). Run it with --shutdown-timeout %d to let them be written.",
+                grace_s, -(-s.shutdown_flush_ms // 1000),
+            )  # fmt: skip
         log.info(
             "KVPoolConnector (%s) on %s: chunk %d tokens, block %d, load=%s save=%s",
             role.name.lower(), self._pool.name, self._C, self._block_size, s.load, s.save,
@@ -340,6 +375,9 @@ class KVPoolConnector(KVConnectorBase_V1):
             kinds = {(r.backend, r.layout, r.view_dtype, r.kv_quant) for r in reports.values()}
             if len(kinds) > 1:
                 reasons.append(f"workers disagree on backend/layout/dtype/quantisation: {sorted(kinds)}")
+            unidentified = sorted((tp, pp) for (pp, tp), r in reports.items() if not r.weights)
+            if unidentified:  # never key chunks by a name alone
+                reasons.append(f"workers {unidentified} sent no weights digest")
         if reasons:
             if not self._refusals:
                 log.warning("kvpool: cache off for this engine: %s", "; ".join(reasons))
@@ -699,6 +737,12 @@ class KVPoolConnector(KVConnectorBase_V1):
         )
         kind, refusals = worker_layout(view)
         refusals = self._refusals + refusals
+        kv_quant = self._kv_quant()
+        if kv_quant is None:
+            refusals.append("a quantised (fp8) KV cache without known k/v scales on some layer")
+        identity = self._identity(first.device) if not refusals else {}
+        if "refusal" in identity:
+            refusals.append(identity.pop("refusal"))
         self._report = WorkerReport(
             tp_rank=self._tp_rank,
             pp_rank=self._pp_rank,
@@ -706,10 +750,11 @@ class KVPoolConnector(KVConnectorBase_V1):
             backend=backend or "",
             layout=kind or "",
             view_dtype=dtype,
-            kv_quant=self._kv_quant(),
+            kv_quant=kv_quant or "",
             num_layers=view.num_layers,
             num_kv_heads=view.num_kv_heads,
             head_dim=view.head_dim,
+            **identity,
         )
         self._enabled = not refusals
         if not self._enabled:
@@ -729,6 +774,11 @@ class KVPoolConnector(KVConnectorBase_V1):
         )
         self._loader = Loader(cache, self._pool, self._spec, self._C)
         self._saver = Saver(cache, self._pool, self.settings.save_buffer)
+        if self.settings.save:
+            # queued saves are written before this process exits on SIGINT/SIGTERM (shutdown.py)
+            shutdown.register(self._saver, self.settings.shutdown_flush_ms / 1000)
+            if self.settings.url:  # connect now, not at the first save (SafePool.warm)
+                threading.Thread(target=self._pool.warm, name="kvpool-warm", daemon=True).start()
         log.info(
             "kvpool: %d KV layers registered, view %s %s, layout %s (backend %s), rank tp%d/pp%d; %s",
             len(self._layers), tuple(first.shape), dtype, kind, backend, self._tp_rank, self._pp_rank,
@@ -759,9 +809,38 @@ class KVPoolConnector(KVConnectorBase_V1):
         except Exception:
             return None
 
-    def _kv_quant(self) -> str:
+    def _identity(self, device: torch.device) -> dict[str, str]:
+        """The report's identity fields (start-up, before any request): the weights' digest
+        (hashed once, cached on disk), software versions, compute capability, attention variant;
+        or ``{"refusal": why}`` when the weights cannot be identified by content."""
+        mc, lc = self._vllm_config.model_config, self._vllm_config.load_config
+        try:
+            if getattr(mc, "model_weights", ""):
+                raise model_identity.UnknownWeights(
+                    f"weights streamed from {mc.model_weights} are not local files"
+                )
+            ident = model_identity.weights_identity(
+                str(mc.model),
+                revision=mc.revision,
+                download_dir=getattr(lc, "download_dir", None),
+                cache_file=model_identity.default_cache_file(),
+            )
+        except Exception as exc:
+            return {"refusal": f"the model's weights cannot be identified by content ({exc})"}
+        model_identity.log_identity(str(mc.model), ident)
+        impls = [getattr(self._attention_layer(name), "impl", None) for name in self._layers]
+        variants = {model_identity.attention_variant(impl) for impl in impls}
+        return {
+            "weights": ident.digest,
+            **model_identity.software_versions(),
+            "device_capability": model_identity.device_capability(device),
+            "attn_variant": ",".join(sorted(v for v in variants if v)),
+        }
+
+    def _kv_quant(self) -> str | None:
         """ "none", or a digest of every layer's cache dtype and k/v scales: fp8 KV written with
-        other scales holds other bytes for the same values."""
+        other scales holds other bytes for the same values. None when a quantised layer's scales
+        are unknown: such a worker is refused (never shared under a fixed string)."""
         h = blake3.blake3(b"kvpool-kv-quant")
         quantised = False
         for name in self._layers:
@@ -773,7 +852,7 @@ class KVPoolConnector(KVConnectorBase_V1):
                 for scale in ("_k_scale", "_v_scale"):
                     t = getattr(attn, scale, None)
                     if t is None:
-                        return "unknown-scales"
+                        return None
                     h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()[:32] if quantised else "none"
 
@@ -982,13 +1061,15 @@ class KVPoolConnector(KVConnectorBase_V1):
 
     def shutdown(self):
         # The worker owns the embedded pool: close it so its disk tier is flushed for the next start.
+        flush_s = self.settings.shutdown_flush_ms / 1000
         if self.role == KVConnectorRole.WORKER:
             if self._loader is not None:
                 self._loader.close()
             if self._saver is not None:
-                self._saver.close()
-            self._pool.close()
+                self._saver.close(flush_s, why="engine shutdown")
+                shutdown.unregister(self._saver)
+            self._pool.close(flush_s)
         else:
             if self._lookup_pool is not None:
                 self._lookup_pool.shutdown(wait=False, cancel_futures=True)
-            self._pool.flush()
+            self._pool.flush(flush_s)

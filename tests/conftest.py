@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,13 @@ os.environ.setdefault("PYTHONSAFEPATH", "1")
 # (inheriting this environment) reserves the same core.
 same_cpu_threads()
 
+# The engines' weight digest cache (connector/model_identity.py) in the temporary directory, never
+# the user's ~/.cache: the tests' tiny models come and go.
+os.environ.setdefault(
+    "KVPOOL_WEIGHT_DIGEST_CACHE",
+    os.path.join(tempfile.gettempdir(), f"kvpool-test-weight-digests-{os.getuid()}.json"),
+)
+
 # Parallel workers (scripts/test.sh) pick server ports from their own band below the kernel's
 # ephemeral range (32768+), inherited by every process they start: see cli/local_servers.free_port.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -32,6 +40,41 @@ if _WORKER.startswith("gw") and _WORKER[2:].isdigit():
     _BAND = 2000
     _LO = 20000 + int(_WORKER[2:]) % 6 * _BAND
     os.environ["KVPOOL_PORT_RANGE"] = f"{_LO}-{_LO + _BAND - 1}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "cuda(gpus=1): needs a CUDA GPU (gpus of them); skipped without one, except that under "
+        "KVPOOL_REQUIRE_CUDA=1 (scripts/gpu-check.sh) such a skip is a failure",
+    )
+
+
+def _fewer_gpus_than(n: int) -> bool:
+    """Whether this machine has CUDA but fewer than ``n`` GPUs (a test for more GPUs may skip)."""
+    if n <= 1:
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() < n
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """Under KVPOOL_REQUIRE_CUDA=1 a CUDA test that skips has failed: on a GPU machine a skip means
+    the GPU, the CUDA kernels or vLLM's CUDA wheel were not there, and the lane did not run. Only a
+    test for more GPUs than the machine has (``cuda(gpus=2)`` on one GPU) may still skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail") or os.environ.get("KVPOOL_REQUIRE_CUDA") != "1":
+        return
+    marker = item.get_closest_marker("cuda")
+    if marker is None or _fewer_gpus_than(marker.kwargs.get("gpus", 1)):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = f"KVPOOL_REQUIRE_CUDA=1, but this CUDA test was skipped: {reason}"
 
 
 @functools.cache

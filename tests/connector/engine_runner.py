@@ -6,11 +6,15 @@ prompt length, ``num_cached_tokens`` and the output tokens. One process may buil
 in turn (``engines``), sharing the slow imports.
 
 Spec: {"model": path, "out": path, "engines": [{"connector": bool, "extra": {...}, "max_tokens": n,
-        "lora": bool, "prompt_embeds": bool, "tp": n,
+        "lora": bool, "prompt_embeds": bool, "tp": n, "prefix_caching": bool (default off), "model": path (this engine's; default the spec's),
+        "copy_files": [[src, dst]...] (copied before the engine starts: weights changed in place),
         "steps": [{"name": str, "prompts": [[ids]...], "salt": str|null, "pause": [ready, go],
-                   "lora": [name, int id, path] | null, "embeds": path of a torch.save'd list}]}]}
+                   "lora": [name, int id, path] | null, "embeds": path of a torch.save'd list,
+                   "n": samples per prompt (default 1; n > 1 samples with top_k = 1)}]}]}
 
 A step with "embeds" sends those tensors as ``prompt_embeds`` (one per prompt) instead of "prompts".
+An engine's "block_size" (default 32; null: vLLM's default) and "enforce_eager" (default true) are
+vLLM's; the GPU lane (tests/gpu/test_cuda_engine.py) runs with both left to vLLM.
 """
 
 from __future__ import annotations
@@ -40,19 +44,22 @@ def run_engine(model: str, engine: dict) -> dict:
         kwargs["enable_prompt_embeds"] = True
     if engine.get("tp", 1) > 1:
         kwargs["tensor_parallel_size"] = engine["tp"]
+    # "block_size": null takes vLLM's own, "enforce_eager": false keeps CUDA graphs on (tests/gpu)
+    if engine.get("block_size", 32) is not None:
+        kwargs["block_size"] = engine.get("block_size", 32)
+    kwargs["enforce_eager"] = engine.get("enforce_eager", True)
     llm = LLM(
         model=model,
-        enable_prefix_caching=False,  # so every reuse the tests see comes from the pool
-        block_size=32,
+        # off unless asked: every reuse the tests see then comes from the pool
+        enable_prefix_caching=bool(engine.get("prefix_caching", False)),
         max_model_len=2048,
         dtype="bfloat16",
         seed=0,
         max_num_seqs=8,
         kv_cache_memory_bytes=64 << 20,
-        enforce_eager=True,
         **kwargs,
     )
-    sp = SamplingParams(temperature=0, max_tokens=engine.get("max_tokens", 12))
+    max_tokens = engine.get("max_tokens", 12)
     results: dict[str, list[dict]] = {}
     for step in engine["steps"]:
         if step.get("pause"):
@@ -75,6 +82,10 @@ def run_engine(model: str, engine: dict) -> dict:
             name, lora_id, path = step["lora"]
             lora = LoRARequest(name, lora_id, path)
         t0 = time.perf_counter()
+        n = step.get("n", 1)
+        # vLLM refuses n > 1 with greedy sampling; top_k = 1 samples the greedy token all the same
+        greedy = {"temperature": 0} if n == 1 else {"temperature": 1.0, "top_k": 1, "seed": 0}
+        sp = SamplingParams(max_tokens=max_tokens, n=n, **greedy)
         outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=lora)
         elapsed = time.perf_counter() - t0
         results[step["name"]] = [
@@ -82,6 +93,7 @@ def run_engine(model: str, engine: dict) -> dict:
                 "prompt_len": len(o.prompt_token_ids or []),
                 "cached": o.num_cached_tokens,
                 "tokens": list(o.outputs[0].token_ids),
+                "samples": [list(c.token_ids) for c in o.outputs],
                 "seconds": elapsed,
             }
             for o in outs
@@ -95,7 +107,14 @@ def run_engine(model: str, engine: dict) -> dict:
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    out = {"engines": [run_engine(spec["model"], e) for e in spec["engines"]]}
+    import shutil
+
+    results = []
+    for e in spec["engines"]:
+        for src, dst in e.get("copy_files", []):
+            shutil.copyfile(src, dst)
+        results.append(run_engine(e.get("model", spec["model"]), e))
+    out = {"engines": results}
     with open(spec["out"], "w") as f:
         json.dump(out, f)
 

@@ -7,7 +7,10 @@ over gRPC (Hello advertises no data channel). Before answering a Get, the proxy 
 * ``"delete_on_get": [hex keys]`` — the first Get asking for such a key deletes it upstream first:
   the chunk the scheduler's lookup found is gone when the worker loads it;
 * ``"slow_on_get": [hex keys], "slow_s": s`` — the first Get asking for such a key answers only
-  after s seconds, past the connector's deadline: the load is cut short.
+  after s seconds, past the connector's deadline: the load is cut short;
+* ``"always_slow_on_get": [hex keys]`` — every Get asking for such a key answers after slow_s.
+
+Every lookup is printed (``lookup <first key hex> <number of keys>``), so a test can count them.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class FaultProxy(pb_grpc.CacheNodeServicer):
 
     def PrefixHits(self, request, context):
         keys = list(request.keys)
+        print(f"lookup {bytes(keys[0]).hex() if keys else '-'} {len(keys)}", flush=True)
         if request.lease_ms:
             lease_id = request.lease_id or None  # the caller's id: any process releases by it
             count, lease = self._call(context, self._up.lease_prefix, keys, request.lease_ms, lease_id)
@@ -99,6 +103,7 @@ class FaultProxy(pb_grpc.CacheNodeServicer):
             doomed = [h for h in faults.get("delete_on_get", []) if h in wanted and h not in self._done]
             slow = [h for h in faults.get("slow_on_get", []) if h in wanted and h not in self._done]
             self._done.update(doomed + slow)
+            slow += [h for h in faults.get("always_slow_on_get", []) if h in wanted]
         if doomed:
             self._call(context, self._up.delete, [bytes.fromhex(h) for h in doomed])
         if slow:

@@ -97,6 +97,20 @@ def test_lora_keys_carry_the_adapter_weights_not_only_its_name(tmp_path):
     assert _keys(_request(lora=LoRARequest("a", 1, str(one))), adapters)[0] != a1[0]
 
 
+def test_a_known_adapter_is_not_read_again_per_request(tmp_path):
+    """Once hashed, an adapter costs a dict lookup: within the recheck period its files are not
+    even stat'ed (here: gone, and still answered from the cache); after it, they are."""
+    one = ensure_tiny_lora(tmp_path / "one", seed=1)
+    adapters = AdapterDigests(recheck_s=3600)
+    first = _keys(_request(lora=LoRARequest("a", 1, str(one))), adapters)
+    for f in one.iterdir():
+        f.unlink()
+    assert _keys(_request(lora=LoRARequest("a", 1, str(one))), adapters) == first
+    assert len(adapters.hashed) == 1
+    recheck = AdapterDigests(recheck_s=0)
+    assert key_inputs(_request(lora=LoRARequest("a", 1, str(one))), C, recheck).refused
+
+
 def test_a_lora_whose_weights_cannot_be_read_is_refused(tmp_path):
     inputs = key_inputs(_request(lora=LoRARequest("x", 1, str(tmp_path / "absent"))), C, AdapterDigests())
     assert inputs.refused and "LoRA" in inputs.refused

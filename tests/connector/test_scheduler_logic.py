@@ -75,6 +75,7 @@ def _report(tp_rank: int, **kw):
     fields = dict(
         tp_rank=tp_rank, pp_rank=0, refusals=[], backend="CPU_ATTN", layout="cpu",
         view_dtype="bfloat16", kv_quant="none", num_layers=2, num_kv_heads=1, head_dim=32,
+        weights="blake3:test-weights", vllm_version="0.32.0", torch_version="2.x", device_capability="cpu:test",
     )  # fmt: skip
     return WorkerReport(**{**fields, **kw})
 
@@ -314,6 +315,41 @@ def test_the_cache_stays_off_until_every_worker_has_reported(config):
     assert conn._enabled is True
 
 
+def test_a_report_without_a_weights_digest_turns_the_cache_off(config):
+    """Keys are never made from a model's name or path alone."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvpool.connector.vllm import KVPoolConnector
+
+    conn = KVPoolConnector(config(2), KVConnectorRole.SCHEDULER)
+    conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0), (0, 1): _report(1, weights="")})
+    assert conn._enabled is False
+
+
+def test_the_fingerprint_is_the_reported_identity_not_the_model_path(config):
+    import dataclasses
+
+    from kvpool.connector.settings import load_settings
+    from kvpool.connector.vllm import fingerprint_for
+
+    cfg = config(2)
+    s = load_settings({"chunk_size": C})
+    report = _report(1, cuda_version="12.8", attn_variant="fa3")
+    fp = fingerprint_for(cfg, s, report)
+    assert (fp.weights, fp.vllm_version, fp.torch_version, fp.cuda_version) == (
+        "blake3:test-weights", "0.32.0", "2.x", "12.8",
+    )  # fmt: skip
+    assert (fp.device_capability, fp.attn_variant, fp.tp_rank) == ("cpu:test", "fa3", 1)
+    assert fp.model == fp.revision == ""  # no path, no revision name: the weights say which model
+    for field, value in [("weights", "blake3:other"), ("vllm_version", "0.33.0"), ("torch_version", "2.y"),
+                         ("device_capability", "cuda:9.0"), ("attn_variant", "fa2")]:  # fmt: skip
+        assert fingerprint_for(cfg, s, dataclasses.replace(report, **{field: value})).digest != fp.digest
+    cfg.model_config.model = "/elsewhere/tiny-llama"  # the same weights at another path
+    assert fingerprint_for(cfg, s, report) == fp
+    named = fingerprint_for(cfg, load_settings({"chunk_size": C, "model_id": "mine"}), report)
+    assert named.model == "mine" and named.weights == fp.weights and named.digest != fp.digest
+
+
 def test_a_worker_that_cannot_tell_its_rank_turns_the_cache_off(config):
     """Outside a distributed group (no TP/PP rank to ask), the worker never assumes rank 0."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -505,3 +541,58 @@ def test_fp8_kv_without_known_scales_is_refused_not_shared(config):
         cfg.compilation_config.static_forward_context[layer] = Attn(k)
         digests.append(conn._kv_quant())
     assert None not in digests and digests[0] != digests[1]
+
+
+def test_request_keys_are_hashed_once_in_a_lookup_thread(config):
+    """The scheduler thread only creates the request's state; reading the prompt and hashing its
+    keys happen once, in the lookup thread, and later lookups reuse them."""
+    import threading
+
+    h = Harness(config)
+    threads: list[str] = []
+    hash_keys = h.conn._hash_keys
+
+    def recorded(st, request):
+        threads.append(threading.current_thread().name)
+        return hash_keys(st, request)
+
+    h.conn._hash_keys = recorded
+    r = h.request("threaded", ids(330, 50))
+    assert h.conn._state(r).keys is None
+    h.lookup(r)
+    h.conn._drop_lease(h.conn._state(r))
+    h.conn._state(r).lease = None
+    h.lookup(r)  # a second lookup (the lease is gone): the keys are reused
+    assert len(threads) == 1 and threads[0].startswith("kvpool-lookup")
+    assert len(h.conn._state(r).keys[0]) == 5
+
+
+@pytest.mark.parametrize(("shutdown_timeout", "told"), [(0, True), (10, False)])
+def test_the_engine_says_when_vllm_would_kill_it_before_its_saves_are_flushed(config, shutdown_timeout, told):
+    """vLLM's --shutdown-timeout (default 0) is how long `vllm serve` lets its engine shut down on
+    Ctrl-C or SIGTERM before killing it; shorter than the saver's flush deadline (5 s), the
+    connector says so at start-up and names the flag."""
+    import logging
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvpool.connector.vllm import KVPoolConnector
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("kvpool")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        cfg = config(1)
+        cfg.shutdown_timeout = shutdown_timeout
+        KVPoolConnector(cfg, KVConnectorRole.SCHEDULER)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    notes = [line for line in lines if "--shutdown-timeout" in line]
+    assert bool(notes) == told, lines
+    if told:
+        assert "Run it with --shutdown-timeout 5" in notes[0]
