@@ -83,6 +83,16 @@ class ModelFingerprint:
     device_capability: str = ""
     attn_variant: str = ""
 
+    IDENTITY_FIELDS = (
+        "weights",
+        "vllm_version",
+        "torch_version",
+        "cuda_version",
+        "device_capability",
+        "attn_variant",
+    )
+    """The fields a worker measures about itself at start-up (connector/model_identity.py)."""
+
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")

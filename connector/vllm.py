@@ -147,13 +147,9 @@ class WorkerReport(KVConnectorHandshakeMetadata):
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
-    # the model's identity by content and what computed its KV (model_identity.py)
-    weights: str = ""
-    vllm_version: str = ""
-    torch_version: str = ""
-    cuda_version: str = ""
-    device_capability: str = ""
-    attn_variant: str = ""
+    # the model's identity by content and what computes its KV (model_identity.py): a value for
+    # each of ModelFingerprint.IDENTITY_FIELDS; no "weights" → the scheduler keeps the cache off
+    identity: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,12 +216,7 @@ def fingerprint_for(
         kv_quant=report.kv_quant,
         model_dtype=model_dtype,
         config_digest=_config_digest(vllm_config),
-        weights=report.weights,
-        vllm_version=report.vllm_version,
-        torch_version=report.torch_version,
-        cuda_version=report.cuda_version,
-        device_capability=report.device_capability,
-        attn_variant=report.attn_variant,
+        **{name: report.identity.get(name, "") for name in ModelFingerprint.IDENTITY_FIELDS},
     )
 
 
@@ -375,7 +366,9 @@ class KVPoolConnector(KVConnectorBase_V1):
             kinds = {(r.backend, r.layout, r.view_dtype, r.kv_quant) for r in reports.values()}
             if len(kinds) > 1:
                 reasons.append(f"workers disagree on backend/layout/dtype/quantisation: {sorted(kinds)}")
-            unidentified = sorted((tp, pp) for (pp, tp), r in reports.items() if not r.weights)
+            unidentified = sorted(
+                (tp, pp) for (pp, tp), r in reports.items() if not r.identity.get("weights")
+            )
             if unidentified:  # never key chunks by a name alone
                 reasons.append(f"workers {unidentified} sent no weights digest")
         if reasons:
@@ -754,7 +747,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             num_layers=view.num_layers,
             num_kv_heads=view.num_kv_heads,
             head_dim=view.head_dim,
-            **identity,
+            identity=identity,
         )
         self._enabled = not refusals
         if not self._enabled:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import uuid
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ import torch
 from kvpool.cachenode.transport import buffers
 from kvpool.cachenode.transport.buffers import BufferPool
 from kvpool.connector import chunkfmt, transfer
-from kvpool.connector.backend import open_pool
 from kvpool.connector.paged import LAYOUTS
 from kvpool.connector.transfer import Loader, LoadJob, PagedCache, Saver
 
@@ -37,15 +35,6 @@ def _cache(seed: int) -> PagedCache:
 
 def _spec(key: bytes) -> chunkfmt.ChunkSpec:
     return chunkfmt.ChunkSpec(key, FP, "bfloat16", (L, 2, C, H, D), C)
-
-
-@pytest.fixture
-def embedded():
-    pool = open_pool(
-        None, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0, timeout_s=2, engine_id=uuid.uuid4().hex
-    )
-    yield pool
-    pool.close()
 
 
 def test_loader_saver_and_verify_threads_select_the_workers_device_first(monkeypatch, embedded):

@@ -69,15 +69,19 @@ def config(tmp_path_factory):
     return make
 
 
-def _report(tp_rank: int, **kw):
+IDENTITY = {"weights": "blake3:test-weights", "vllm_version": "0.32.0", "torch_version": "2.x",
+            "device_capability": "cpu:test"}  # fmt: skip
+
+
+def _report(tp_rank: int, identity: dict | None = None, **kw):
+    """A worker's report; ``identity`` entries replace those of IDENTITY."""
     from kvpool.connector.vllm import WorkerReport
 
     fields = dict(
         tp_rank=tp_rank, pp_rank=0, refusals=[], backend="CPU_ATTN", layout="cpu",
         view_dtype="bfloat16", kv_quant="none", num_layers=2, num_kv_heads=1, head_dim=32,
-        weights="blake3:test-weights", vllm_version="0.32.0", torch_version="2.x", device_capability="cpu:test",
     )  # fmt: skip
-    return WorkerReport(**{**fields, **kw})
+    return WorkerReport(**{**fields, **kw}, identity={**IDENTITY, **(identity or {})})
 
 
 class Harness:
@@ -322,7 +326,9 @@ def test_a_report_without_a_weights_digest_turns_the_cache_off(config):
     from kvpool.connector.vllm import KVPoolConnector
 
     conn = KVPoolConnector(config(2), KVConnectorRole.SCHEDULER)
-    conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0), (0, 1): _report(1, weights="")})
+    conn.set_xfer_handshake_metadata_pp_aware(
+        {(0, 0): _report(0), (0, 1): _report(1, identity={"weights": ""})}
+    )
     assert conn._enabled is False
 
 
@@ -334,7 +340,7 @@ def test_the_fingerprint_is_the_reported_identity_not_the_model_path(config):
 
     cfg = config(2)
     s = load_settings({"chunk_size": C})
-    report = _report(1, cuda_version="12.8", attn_variant="fa3")
+    report = _report(1, identity={"cuda_version": "12.8", "attn_variant": "fa3"})
     fp = fingerprint_for(cfg, s, report)
     assert (fp.weights, fp.vllm_version, fp.torch_version, fp.cuda_version) == (
         "blake3:test-weights", "0.32.0", "2.x", "12.8",
@@ -343,7 +349,8 @@ def test_the_fingerprint_is_the_reported_identity_not_the_model_path(config):
     assert fp.model == fp.revision == ""  # no path, no revision name: the weights say which model
     for field, value in [("weights", "blake3:other"), ("vllm_version", "0.33.0"), ("torch_version", "2.y"),
                          ("device_capability", "cuda:9.0"), ("attn_variant", "fa2")]:  # fmt: skip
-        assert fingerprint_for(cfg, s, dataclasses.replace(report, **{field: value})).digest != fp.digest
+        other = dataclasses.replace(report, identity={**report.identity, field: value})
+        assert fingerprint_for(cfg, s, other).digest != fp.digest
     cfg.model_config.model = "/elsewhere/tiny-llama"  # the same weights at another path
     assert fingerprint_for(cfg, s, report) == fp
     named = fingerprint_for(cfg, load_settings({"chunk_size": C, "model_id": "mine"}), report)

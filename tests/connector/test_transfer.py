@@ -45,15 +45,6 @@ def _blocks_of(chunk: int, base: int) -> list[int]:
     return list(range(base + chunk * per, base + (chunk + 1) * per))
 
 
-@pytest.fixture
-def embedded():
-    pool = open_pool(
-        None, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0, timeout_s=2, engine_id=uuid.uuid4().hex
-    )
-    yield pool
-    pool.close()
-
-
 def _save(cache: PagedCache, pool: SafePool, keys: list[bytes], base: int, budget: int = 16 << 20) -> Saver:
     saver = Saver(cache, pool, budget)
     saver.save("req", [(_spec(k), _blocks_of(i, base)) for i, k in enumerate(keys)])
