@@ -468,8 +468,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             if st.keys is not None and (
                 not st.keys[0] or (st.load_limit is not None and st.load_limit * self._C <= computed)
             ):  # nothing more this request may load (its last load failed there): no lookup at all
-                st.pool_chunks = min(st.pool_chunks, st.load_limit or 0)
-                return True
+                return True  # pool_chunks stays as the failure left it (_roll_back)
             st.lookup = self._lookups().submit(
                 self._ask_pool, st, request if st.keys is None else None, lease_ms
             )
@@ -733,9 +732,9 @@ class KVPoolConnector(KVConnectorBase_V1):
         kv_quant = self._kv_quant()
         if kv_quant is None:
             refusals.append("a quantised (fp8) KV cache without known k/v scales on some layer")
-        identity = self._identity(first.device) if not refusals else {}
-        if "refusal" in identity:
-            refusals.append(identity.pop("refusal"))
+        identity, why = self._identity(first.device) if not refusals else ({}, None)
+        if why:
+            refusals.append(why)
         self._report = WorkerReport(
             tp_rank=self._tp_rank,
             pp_rank=self._pp_rank,
@@ -802,10 +801,10 @@ class KVPoolConnector(KVConnectorBase_V1):
         except Exception:
             return None
 
-    def _identity(self, device: torch.device) -> dict[str, str]:
+    def _identity(self, device: torch.device) -> tuple[dict[str, str], str | None]:
         """The report's identity fields (start-up, before any request): the weights' digest
         (hashed once, cached on disk), software versions, compute capability, attention variant;
-        or ``{"refusal": why}`` when the weights cannot be identified by content."""
+        or no fields and why, when the weights cannot be identified by content."""
         mc, lc = self._vllm_config.model_config, self._vllm_config.load_config
         try:
             if getattr(mc, "model_weights", ""):
@@ -819,16 +818,17 @@ class KVPoolConnector(KVConnectorBase_V1):
                 cache_file=model_identity.default_cache_file(),
             )
         except Exception as exc:
-            return {"refusal": f"the model's weights cannot be identified by content ({exc})"}
+            return {}, f"the model's weights cannot be identified by content ({exc})"
         model_identity.log_identity(str(mc.model), ident)
         impls = [getattr(self._attention_layer(name), "impl", None) for name in self._layers]
         variants = {model_identity.attention_variant(impl) for impl in impls}
-        return {
+        identity = {
             "weights": ident.digest,
             **model_identity.software_versions(),
             "device_capability": model_identity.device_capability(device),
             "attn_variant": ",".join(sorted(v for v in variants if v)),
         }
+        return identity, None
 
     def _kv_quant(self) -> str | None:
         """ "none", or a digest of every layer's cache dtype and k/v scales: fp8 KV written with
