@@ -14,7 +14,6 @@ the agents.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import pytest
 from kvpool.cachenode import Client
 from kvpool.connector.keys import chunk_keys
 
-from ..connector.enginetools import fingerprints, finish, ids, payload, plant, run, wait_for
+from ..connector.enginetools import fingerprints, finish, ids, payload, plant, run, tiny_model, wait_for
 from .conftest import agent_stats, holders, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -36,9 +35,7 @@ STEPS = [{"name": name, "prompts": [ids_]} for name, ids_ in PROMPTS.items()]
 
 
 def test_two_engines_with_their_own_agents_share_kv_peer_to_peer(cluster, lookup, tmp_path) -> None:
-    from kvpool.connector.tinymodel import ensure_tiny_model
-
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp_path / "tiny-llama"))
+    model = tiny_model(tmp_path / "tiny-llama")
     # no --pool-url: peers only. NIXL off: its idle progress thread would take a core from the
     # engines on a 2-core machine; peers then read over the TCP data channel.
     a = cluster.agent("engine-a", "--nixl", "off", lookup=lookup)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import re
 import subprocess
@@ -26,6 +27,14 @@ _FP_LINE = re.compile(r"chunk keys of tp(\d+)/pp(\d+) use fingerprint [0-9a-f]+ 
 def ids(n: int, seed: int) -> list[int]:
     rnd = random.Random(seed)
     return [rnd.randrange(3, 1000) for _ in range(n)]
+
+
+def tiny_model(default_dir: Path) -> str:
+    """The tiny generated model the engine tests run: in KVPOOL_TINY_MODEL_DIR when set (shared
+    between runs), else made in ``default_dir``."""
+    from kvpool.connector.tinymodel import ensure_tiny_model
+
+    return str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or default_dir))
 
 
 def run(spec: dict, tmp: Path, name: str, wait: bool = True, env: dict | None = None):

@@ -19,7 +19,6 @@ Engines:  base   — no connector: the reference outputs for every prompt.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from kvpool.cli.local_servers import kvpool_up
 from kvpool.connector import chunkfmt
 from kvpool.connector.keys import chunk_keys
 
-from .enginetools import fault_proxy, fingerprints, finish, ids, payload, plant, run, wait_for
+from .enginetools import fault_proxy, fingerprints, finish, ids, payload, plant, run, tiny_model, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # one fixture starts every engine
 
@@ -58,10 +57,8 @@ REFS = ("D", "F", "T", "W")  # prompts whose chunks the "fresh engine" (emb) sto
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kvpool.connector.tinymodel import ensure_tiny_model
-
     tmp = tmp_path_factory.mktemp("engines")
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp / "tiny-llama"))
+    model = tiny_model(tmp / "tiny-llama")
     out: dict = {"model": model}
 
     base_steps = [{"name": k, "prompts": [v]} for k, v in ALL.items()]

@@ -25,7 +25,6 @@ server's burst is (sent alone, the first would start before the others arrive).
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 
@@ -37,7 +36,7 @@ from kvpool.cli.local_servers import kvpool_up
 from kvpool.connector import chunkfmt
 from kvpool.connector.keys import chunk_keys
 
-from .enginetools import fault_proxy, fingerprints, ids, run
+from .enginetools import fault_proxy, fingerprints, ids, run, tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -65,10 +64,8 @@ def _other_version(value: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kvpool.connector.tinymodel import ensure_tiny_model
-
     tmp = tmp_path_factory.mktemp("failures")
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp / "tiny-llama"))
+    model = tiny_model(tmp / "tiny-llama")
     out: dict = {}
     steps = [{"name": k, "prompts": [v]} for k, v in ALL.items()]
     base = {"connector": False, "max_tokens": TOKENS, "steps": steps}

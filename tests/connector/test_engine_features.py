@@ -12,7 +12,6 @@ the answer — so the equality checks can fail.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from kvpool.cli.local_servers import kvpool_up
 from kvpool.connector.keys import adapter_identity, chunk_keys
 from kvpool.connector.request_keys import AdapterDigests, key_inputs
 
-from .enginetools import fingerprints, finish, ids, payload, plant, run, wait_for
+from .enginetools import fingerprints, finish, ids, payload, plant, run, tiny_model, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # one fixture starts every engine
 
@@ -53,10 +52,10 @@ def _embeds_keys(fp, embeds: torch.Tensor) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kvpool.connector.tinymodel import ensure_tiny_lora, ensure_tiny_model
+    from kvpool.connector.tinymodel import ensure_tiny_lora
 
     tmp = tmp_path_factory.mktemp("features")
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp / "tiny-llama"))
+    model = tiny_model(tmp / "tiny-llama")
     lora1, lora2 = str(ensure_tiny_lora(tmp / "lora1", seed=1)), str(ensure_tiny_lora(tmp / "lora2", seed=2))
     l1, l2 = ["l1", 1, lora1], ["l2", 2, lora2]
     emb_p, emb_p3 = _embeddings(model, P), _embeddings(model, P3)

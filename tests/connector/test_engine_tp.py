@@ -24,7 +24,7 @@ from kvpool.cachenode import Client
 from kvpool.cli.local_servers import kvpool_up
 from kvpool.connector.keys import chunk_keys
 
-from .enginetools import fault_proxy, fingerprints, finish, ids, run, wait_for
+from .enginetools import fault_proxy, fingerprints, finish, ids, run, tiny_model, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # one fixture starts the engine
 
@@ -34,10 +34,8 @@ P = ids(330, 201)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kvpool.connector.tinymodel import ensure_tiny_model
-
     tmp = tmp_path_factory.mktemp("tp2")
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp / "tiny-llama"))
+    model = tiny_model(tmp / "tiny-llama")
     faults = tmp / "faults.json"
     out: dict = {}
     # vLLM's CPU workers bind to one NUMA node each by default; a small CI machine has one.

@@ -19,6 +19,8 @@ import pytest
 
 from kvpool.cli.local_servers import free_port
 
+from .enginetools import tiny_model
+
 pytestmark = pytest.mark.slow
 
 
@@ -37,9 +39,9 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_vllm_serve_metrics_show_connector_counters(tmp_path):
-    from kvpool.connector.tinymodel import corpus, ensure_tiny_model
+    from kvpool.connector.tinymodel import corpus
 
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp_path / "tiny"))
+    model = tiny_model(tmp_path / "tiny")
     port = free_port()
     ktc = {
         "kv_connector": "KVPoolConnector",

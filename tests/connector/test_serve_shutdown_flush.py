@@ -33,6 +33,8 @@ import pytest
 from kvpool.cachenode import Client
 from kvpool.cli.local_servers import free_port, kvpool_up
 
+from .enginetools import tiny_model
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 C = 64
@@ -88,9 +90,9 @@ def _stop(proc: subprocess.Popen, sig: int) -> int:
 
 
 def test_ctrl_c_right_after_an_answer_leaves_its_chunks_in_the_pool(tmp_path):
-    from kvpool.connector.tinymodel import corpus, ensure_tiny_model
+    from kvpool.connector.tinymodel import corpus
 
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp_path / "tiny"))
+    model = tiny_model(tmp_path / "tiny")
     prompt = corpus(600)
     with kvpool_up("--memory", "256MiB") as (_pool, url):
         with open(tmp_path / "first.log", "w") as log:

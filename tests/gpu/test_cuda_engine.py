@@ -37,7 +37,7 @@ from kvpool.cli.local_servers import kvpool_up
 from kvpool.connector import chunkfmt
 from kvpool.connector.keys import chunk_keys
 
-from ..connector.enginetools import fingerprints, ids, payload, plant, run
+from ..connector.enginetools import fingerprints, ids, payload, plant, run, tiny_model
 
 
 def _version(name: str) -> str | None:
@@ -80,10 +80,8 @@ FALLBACK = "using the torch reference for KV copies"  # kvcopy: the CUDA kernels
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kvpool.connector.tinymodel import ensure_tiny_model
-
     tmp = tmp_path_factory.mktemp("cuda-engines")
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp / "tiny-llama"))
+    model = tiny_model(tmp / "tiny-llama")
     out: dict = {}
     base = [{"name": k, "prompts": [v]} for k, v in ALL.items()]
     out["base"], out["base_log"] = run(

@@ -146,12 +146,10 @@ def node() -> Iterator[int]:
 def engines(built: dict[str, pathlib.Path], node: int) -> dict:
     """One runner process in the vLLM-only Python: the import probe, an engine without the connector,
     then one with it that sees the same prompt twice."""
-    from kvpool.connector.tinymodel import ensure_tiny_model
-
-    from ..connector.enginetools import ids
+    from ..connector.enginetools import ids, tiny_model
 
     tmp = built["tmp"]
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp / "tiny-llama"))
+    model = tiny_model(tmp / "tiny-llama")
     prompts = [ids(600, seed=14), ids(300, seed=15)]
     spec = {"model": model, "out": str(tmp / "out.json"), "engines": [
         {"connector": False, "max_tokens": 32, "steps": [{"name": "plain", "prompts": prompts}]},

@@ -9,7 +9,6 @@ run in one process. Prefix caching is off, so cached tokens can only come from t
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
@@ -20,6 +19,8 @@ import pytest
 
 from kvpool.cachenode import Client
 from kvpool.connector.keys import ModelFingerprint, chunk_keys
+
+from ..connector.enginetools import tiny_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,9 +56,7 @@ def _run(spec: dict, tmp: Path, name: str) -> list[dict]:
 
 
 def test_two_engines_share_a_three_node_pool(pool, tmp_path):
-    from kvpool.connector.tinymodel import ensure_tiny_model
-
-    model = str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or tmp_path / "tiny-llama"))
+    model = tiny_model(tmp_path / "tiny-llama")
     nodes = pool.start_all(3)
     remote = {"chunk_size": C, "timeout_ms": 2000}
     (a,) = _run(
