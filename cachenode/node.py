@@ -27,6 +27,7 @@ from .transport import members as ms
 from .transport.auth import BearerTokenInterceptor
 from .transport.connection import ConnectOptions
 from .transport.dataserver import DataServer
+from .transport.grpcserver import bind
 from .transport.httpserver import HealthServer
 from .transport.nixl_common import NixlUnavailable
 from .transport.nixl_server import NixlEndpoint, NixlService
@@ -142,14 +143,7 @@ class CacheNode:
             ),
             self._grpc,
         )
-        address = f"{_grpc_host(settings.host)}:{settings.port}"
-        if settings.tls is not None:
-            credentials = grpc.ssl_server_credentials([(settings.tls.key_pem, settings.tls.cert_pem)])
-            self.port = self._grpc.add_secure_port(address, credentials)
-        else:
-            self.port = self._grpc.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {settings.port} on {settings.host}")
+        self.port = bind(self._grpc, settings.host, settings.port, settings.tls)
         self._data = DataServer(
             self.store,
             settings.host,
@@ -158,7 +152,7 @@ class CacheNode:
             max_value_size=settings.max_value_size,
             max_batch_keys=settings.max_batch_keys,
             max_request_bytes=self.max_request_bytes,
-            tls=settings.tls.context if settings.tls else None,
+            tls=settings.tls,
             refuse_puts=self.put_refusal,
         )
         self.data_port = self._data.port
@@ -167,7 +161,7 @@ class CacheNode:
             settings.http_port,
             self._ready.is_set,
             token,
-            tls=settings.tls.context if settings.tls else None,
+            tls=settings.tls,
         )
         self.http_port = self._http.port
         self.peers = PeerTracker(
@@ -442,10 +436,6 @@ class CacheNode:
     def _set_health(self, status) -> None:
         self._health.set("", status)
         self._health.set(SERVICE_NAME, status)
-
-
-def _grpc_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _display_host(host: str) -> str:

@@ -64,7 +64,7 @@ class LookupServer:
             settings.http_port,
             lambda: self.index.authoritative,
             settings.auth_token,
-            tls=settings.tls.context if settings.tls else None,
+            tls=settings.tls,
             routes={("POST", "/scores"): self._http_scores, ("GET", "/stats"): self._http_stats},
             not_ready="rebuilding the index from the holders' snapshots after a start",
         )

@@ -184,8 +184,11 @@ class NodeConnection:
         port: int,
         options: ConnectOptions,
         buffers: Callable[[], BufferPool] | None = None,
+        server_name: str | None = None,
     ) -> None:
-        """`buffers`: the client's pool of receive buffers (`get_many_into`, NIXL READs)."""
+        """`buffers`: the client's pool of receive buffers (`get_many_into`, NIXL READs).
+        `server_name`: with TLS, the name to verify the certificate against when `host` is an
+        address a name resolved to (peer discovery through a headless Service's name)."""
         self.host = host
         self.port = port
         self.options = options
@@ -201,6 +204,8 @@ class NodeConnection:
         ]
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if options.tls:
+            if server_name and server_name != host:
+                channel_options.append(("grpc.ssl_target_name_override", server_name))
             credentials = grpc.ssl_channel_credentials(root_certificates=options.tls_root)
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         else:

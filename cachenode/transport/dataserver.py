@@ -25,6 +25,7 @@ from . import dataproto as dp
 
 if TYPE_CHECKING:
     from ..tiers.store import TieredStore
+    from .tls import ServerTLS
 
 log = logging.getLogger("kvpool.node.data")
 
@@ -79,7 +80,7 @@ class DataServer:
         max_value_size: int,
         max_batch_keys: int,
         max_request_bytes: int,
-        tls: ssl.SSLContext | None = None,
+        tls: ServerTLS | None = None,
         refuse_puts: Callable[[], str | None] = lambda: None,
     ) -> None:
         """`refuse_puts`: a reason to refuse puts now (the node is leaving), or None."""
@@ -138,7 +139,7 @@ class DataServer:
         if self._tls is not None:
             try:
                 raw.settimeout(TRANSFER_TIMEOUT_S)
-                conn = self._tls.wrap_socket(raw, server_side=True)
+                conn = self._tls.context.wrap_socket(raw, server_side=True)  # the pair in use now
             except (OSError, ssl.SSLError) as exc:
                 metrics.ERRORS.labels("data_tls").inc()
                 log.warning("data channel: TLS handshake with %s failed: %s", peer[0], exc)

@@ -27,12 +27,30 @@ def bind(server: grpc.Server, host: str, port: int, tls: ServerTLS | None) -> in
     """Bind host:port (0 = a free port); the bound port, or OSError when it is taken."""
     address = f"{grpc_host(host)}:{port}"
     if tls is not None:
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)]))
+        bound = server.add_secure_port(address, server_credentials(tls))
     else:
         bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {port} on {host}")
     return bound
+
+
+def server_credentials(tls: ServerTLS) -> grpc.ServerCredentials:
+    """Credentials that follow renewed certificate files: gRPC asks the fetcher before each new
+    connection's handshake, and it hands over a new pair only when `tls` loaded one."""
+    generation, key, cert = tls.current()
+    served = [generation]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        generation, key, cert = tls.current()
+        if generation == served[0]:
+            return None
+        served[0] = generation
+        return grpc.ssl_server_certificate_configuration([(key, cert)])
+
+    return grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration([(key, cert)]), fetch
+    )
 
 
 def grpc_host(host: str) -> str:

@@ -4,7 +4,6 @@ any JSON routes a server adds (the lookup service's /scores)."""
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from .auth import bearer_ok
+from .tls import ServerTLS
 
 log = logging.getLogger("kvpool.node.http")
 
@@ -30,7 +30,7 @@ class HealthServer:
         port: int,
         ready: Callable[[], bool],
         token: str | None = None,
-        tls: ssl.SSLContext | None = None,
+        tls: ServerTLS | None = None,
         routes: Mapping[tuple[str, str], Route] | None = None,
         not_ready: str = "rebuilding the disk index",
     ) -> None:
@@ -52,15 +52,16 @@ class HealthServer:
 
 
 class _TLSHTTPServer(ThreadingHTTPServer):
-    """HTTPS; the handshake runs in the request's thread, so a slow client cannot stall accept()."""
+    """HTTPS; the handshake runs in the request's thread, so a slow client cannot stall accept().
+    Each connection takes the certificate in use now (renewed files are picked up)."""
 
-    def __init__(self, address, handler, context: ssl.SSLContext) -> None:
-        self._context = context
+    def __init__(self, address, handler, tls: ServerTLS) -> None:
+        self._tls = tls
         super().__init__(address, handler)
 
     def get_request(self):
         sock, address = super().get_request()
-        return self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+        return self._tls.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
 
 def _make_handler(

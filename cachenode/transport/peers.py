@@ -100,6 +100,7 @@ class PeerTracker:
         self._conns: dict[tuple[str, int], NodeConnection] = {}
         self._own_addresses: set[tuple[str, int]] = set()
         self._resolved: set[tuple[str, int]] = set()
+        self._names: dict[tuple[str, int], str] = {}  # resolved address -> the peer name it came from
         self._resolved_at = -RESOLVE_INTERVAL_S
         self._view: frozenset[str] = frozenset()
         self._previous: frozenset[str] = frozenset()
@@ -221,7 +222,9 @@ class PeerTracker:
         if now - self._resolved_at >= RESOLVE_INTERVAL_S:
             resolved: set[tuple[str, int]] = set()
             for host, port in self._spec:
-                resolved |= resolve(host, port)
+                addresses = resolve(host, port)
+                resolved |= addresses
+                self._names.update((a, host) for a in addresses if a[0] != host)
             self._resolved, self._resolved_at = resolved, now
         with self._lock:
             addresses = set(self._resolved) | {p.info.address for p in self._peers.values()}
@@ -231,7 +234,11 @@ class PeerTracker:
     def _conn(self, address: tuple[str, int]) -> NodeConnection:
         conn = self._conns.get(address)
         if conn is None:
-            conn = self._conns[address] = NodeConnection(address[0], address[1], self._options)
+            # An address the peers' name resolved to is verified (TLS) against that name.
+            name = self._names.get(address)
+            conn = self._conns[address] = NodeConnection(
+                address[0], address[1], self._options, server_name=name
+            )
         return conn
 
     def _peer_at(self, address: tuple[str, int]) -> _Peer | None:

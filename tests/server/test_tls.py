@@ -8,11 +8,16 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
 
 from kvpool.cachenode import Client, InvalidRequest, Unavailable
+from kvpool.cachenode.node import CacheNode
+from kvpool.cachenode.settings import NodeSettings
+from kvpool.cachenode.transport.tls import load_server_tls
+from kvpool.cli.local_servers import free_port
 
 from .conftest import run_node
 
@@ -89,3 +94,125 @@ def test_mismatched_or_missing_tls_flags(certs):
         result = subprocess.run([*kvpool, *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def issue(certs, name: str, san: str):
+    """A certificate for `san` (openssl extension syntax), signed by the fixture's CA:
+    (cert path, key path, DER bytes)."""
+    d = certs / name
+    d.mkdir()
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+        "-subj",
+        f"/CN={name}",
+    )
+    (d / "ext.cnf").write_text(f"subjectAltName={san}\n")
+    run("x509", "-req", "-in", "tls.csr", "-CA", str(certs / "ca.crt"), "-CAkey", str(certs / "ca.key"),
+        "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    return d / "tls.crt", d / "tls.key", ssl.PEM_cert_to_DER_cert((d / "tls.crt").read_text())
+
+
+def kubelet_mount(target, version: str, cert, key) -> None:
+    """Files as a Secret volume presents them: `tls.crt -> ..data/tls.crt`, `..data -> ..<version>`;
+    an update writes a new version directory and swaps `..data` atomically."""
+    (target / version).mkdir()
+    shutil.copy(cert, target / version / "tls.crt")
+    shutil.copy(key, target / version / "tls.key")
+    os.symlink(version, target / "..data_tmp")
+    os.replace(target / "..data_tmp", target / "..data")
+    for name in ("tls.crt", "tls.key"):
+        if not (target / name).is_symlink():
+            os.symlink(f"..data/{name}", target / name)
+
+
+def served_cert(port: int, alpn: str | None = None) -> bytes:
+    """The certificate a new TLS connection to 127.0.0.1:port is shown (not verified: we compare it)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols([alpn])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
+        return sock.getpeercert(binary_form=True)
+
+
+def test_renewed_certificate_is_served_without_a_restart(certs, tmp_path):
+    """cert-manager renews, the kubelet swaps the files: new connections on all three ports get the
+    new certificate from the same process, and clients trusting the CA keep working."""
+    cert_a, key_a, der_a = issue(certs, "cert-a", "IP:127.0.0.1,DNS:localhost")
+    cert_b, key_b, der_b = issue(certs, "cert-b", "IP:127.0.0.1,DNS:localhost")
+    mount = tmp_path / "tls"
+    mount.mkdir()
+    kubelet_mount(mount, "..v1", cert_a, key_a)
+    ca = str(certs / "ca.crt")
+    with run_node("--tls-cert-file", str(mount / "tls.crt"), "--tls-key-file", str(mount / "tls.key")) as n:
+        grpc_port = int(n.url.rsplit(":", 1)[1])
+        with Client(n.url, tls_ca_file=ca) as client:
+            data_port = client.hello().data_port
+            client.put(b"before", b"a")
+        ports = {"grpc": (grpc_port, "h2"), "http": (n.http_port, None), "data": (data_port, None)}
+        assert {k: served_cert(p, a) for k, (p, a) in ports.items()} == dict.fromkeys(ports, der_a)
+        kubelet_mount(mount, "..v2", cert_b, key_b)
+        deadline = time.monotonic() + 20
+        seen = {}
+        while time.monotonic() < deadline:
+            seen = {k: served_cert(p, a) for k, (p, a) in ports.items()}
+            if seen == dict.fromkeys(ports, der_b):
+                break
+            time.sleep(0.3)
+        assert seen == dict.fromkeys(ports, der_b), {k: v == der_a for k, v in seen.items()}
+        with Client(n.url, tls_ca_file=ca) as client:
+            assert client.get(b"before") == b"a"
+        assert n.alive
+
+
+def test_a_bad_renewal_keeps_the_certificate_in_use(certs, tmp_path):
+    cert_a, key_a, der_a = issue(certs, "keep-a", "IP:127.0.0.1,DNS:localhost")
+    mount = tmp_path / "tls"
+    mount.mkdir()
+    kubelet_mount(mount, "..v1", cert_a, key_a)
+    tls = load_server_tls(mount / "tls.crt", mount / "tls.key")
+    tls._check_every = 0
+    kubelet_mount(mount, "..v2", cert_a, certs / "other.key")  # a key that does not fit the certificate
+    assert not tls.refresh()
+    assert ssl.PEM_cert_to_DER_cert(tls.cert_pem.decode()) == der_a and tls.generation == 0
+
+
+def test_tls_peers_found_through_a_name_verify_that_name(certs, monkeypatch):
+    """Nodes find each other by resolving the peers' name (the headless Service) to addresses, and
+    the certificate names no address: each probe verifies the name it resolved, not the IP."""
+    cert, key, _ = issue(certs, "dns-only", "DNS:localhost")
+    tls = load_server_tls(cert, key)
+    ports = [free_port(), free_port()]
+    peers = ",".join(f"localhost:{p}" for p in ports)
+    monkeypatch.setenv("KVPOOL_TLS_CA_FILE", str(certs / "ca.crt"))
+    started = []
+    try:
+        for i, port in enumerate(ports):
+            settings = NodeSettings(
+                host="127.0.0.1", port=port, http_port=0, data_port=0, memory=64 << 20,
+                node_id=f"pod-{i}", peers=peers, advertise_host="localhost", tls=tls,
+            )  # fmt: skip
+            node = CacheNode(settings)
+            node.start()
+            started.append(node)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(n.peers.view == {"pod-0", "pod-1"} for n in started):
+            time.sleep(0.2)
+        assert [n.peers.view for n in started] == [{"pod-0", "pod-1"}] * 2
+    finally:
+        for node in started:
+            node.stop(handoff=False)
