@@ -128,6 +128,19 @@ def positive_size(value: Any) -> int:
 port = integer(0, 65535)
 
 
+def file_mode(value: Any) -> int:
+    """An octal permission mode that keeps the owner's read and write and grants no execute."""
+    try:
+        mode = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value).strip(), 8)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an octal file mode such as 0660") from None
+    if mode & ~0o666 or mode & 0o600 != 0o600:
+        raise ValueError(
+            f"must give the owner read and write and nobody execute (0600 to 0666), got {value!r}"
+        )
+    return mode
+
+
 def peers(value: Any) -> str:
     """A comma list of node URLs or host:port, or one DNS name (parsed as the node parses it)."""
     spec = str(value).strip()
@@ -190,7 +203,7 @@ class Setting:
     parse: Callable[[Any], Any] = text
     group: str = "node"
     kind: str = "text"
-    """What the value is, for --help and the docs: text, size, int, number, port, path, bool, list, URL."""
+    """What the value is, for --help and the docs: text, size, int, number, port, path, bool, list, URL, mode."""
     commands: frozenset[str] = frozenset({NODE, UP})
     readers: frozenset[str] = frozenset({NODE})
     secret: bool = False
@@ -229,6 +242,8 @@ class Setting:
             return "true" if value else "false"
         if isinstance(value, list | tuple):
             return ",".join(map(str, value))
+        if self.kind == "mode" and isinstance(value, int):
+            return f"{value:04o}"
         return str(value)
 
 
@@ -352,6 +367,18 @@ SETTINGS_LIST: tuple[Setting, ...] = (
         path,
         group="p2p",
         kind="path",
+        commands=_AGENT_ONLY,
+        readers=_AGENT_ONLY,
+    ),
+    Setting(
+        "arena_mode",
+        "0660",
+        "Permissions of the arena file: 0660 lets the agent's group map it (outside Kubernetes the "
+        "directory is the host's /dev/shm); the webhook sets 0666 in an injected pod, whose arena "
+        "volume is the pod's own, so a vLLM container running as any user can map it.",
+        file_mode,
+        group="p2p",
+        kind="mode",
         commands=_AGENT_ONLY,
         readers=_AGENT_ONLY,
     ),
@@ -851,6 +878,7 @@ class AgentSettings:
     lookup_url: str | None = None
     pool_url: str | None = None
     arena_dir: Path = field(default_factory=lambda: Path(DEFAULT_ARENA_DIR))
+    arena_mode: int = 0o660
     fetch_timeout: float = default("fetch_timeout")
     tier_queue_items: int = default("tier_queue_items")
     tier_queue_size: int = default("tier_queue_size")
@@ -880,7 +908,7 @@ class AgentSettings:
 _AGENT_FIELDS = (
     "host", "port", "http_port", "data_port", "memory", "max_value_size", "max_batch_keys",
     "high_watermark", "low_watermark", "advertise_host", "nixl", "nixl_lease_ttl", "agent_id",
-    "lookup_url", "pool_url", "arena_dir", "fetch_timeout", "tier_queue_items", "tier_queue_size",
+    "lookup_url", "pool_url", "arena_dir", "arena_mode", "fetch_timeout", "tier_queue_items", "tier_queue_size",
     "tls_ca_file",
 )  # fmt: skip
 

@@ -8,7 +8,9 @@ the connector in the pod maps the very pages the agent serves from. Three things
 - real memory: the file's blocks are allocated up front (`posix_fallocate`), so a directory
   too small for --memory (Docker's 64 MiB /dev/shm) is a clear error at start, never a SIGBUS
   when the arena fills;
-- the pod's other containers may map it: group read/write (they share the pod's fsGroup).
+- the pod's other containers may map it: its mode (--arena-mode) is group read/write by default,
+  and world read/write where the webhook injects the agent (the arena volume is the pod's own, and
+  a non-root vLLM container is rarely in the agent's group).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 from pathlib import Path
 
 FILE_MODE = 0o660
+"""The default mode (`--arena-mode`)."""
 
 
 class ArenaBusy(OSError):
@@ -67,12 +70,12 @@ def remove_stale(path: Path) -> None:
 class ArenaClaim:
     """The open, locked arena file; close() (at the agent's stop) lets it go."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, mode: int = FILE_MODE) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDWR)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.fchmod(self._fd, FILE_MODE)
+            os.fchmod(self._fd, mode)
             try:
                 os.posix_fallocate(self._fd, 0, size)
             except OSError as exc:

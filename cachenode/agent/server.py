@@ -78,7 +78,9 @@ class AgentServer(CacheNode):
         self._buffers: BufferPool | None = None
         self._buffers_lock = threading.Lock()
         try:
-            self._claim = arena_file.ArenaClaim(self.arena_path, store.memory.arena_bytes)
+            self._claim = arena_file.ArenaClaim(
+                self.arena_path, store.memory.arena_bytes, settings.arena_mode
+            )
             self.arena_identity = self._claim.identity()
             self.leases = TransferLeases(
                 store, settings.nixl_lease_ttl, transport="arena", on_commit=self._committed

@@ -60,6 +60,17 @@ def test_one_agent_per_arena_and_a_dead_agents_file_is_replaced(arena_dir) -> No
     assert not stale.exists()
 
 
+def test_the_arena_mode_lets_a_vllm_container_of_another_user_map_it(arena_dir) -> None:
+    agent = make_agent(arena_dir, **registry.parse_env({"KVPOOL_ARENA_MODE": "0666"}, registry.AGENT))
+    try:
+        assert arena_path(arena_dir, "solo").stat().st_mode & 0o777 == 0o666
+    finally:
+        agent.stop()
+    for bad in ("0777", "0440", "rw"):
+        with pytest.raises(ValueError, match=r"KVPOOL_ARENA_MODE=.*(octal|owner read and write)"):
+            registry.parse_env({"KVPOOL_ARENA_MODE": bad}, registry.AGENT)
+
+
 def test_an_arena_dir_too_small_for_memory_is_a_clear_error(tiny_tmpfs) -> None:
     with pytest.raises(OSError, match=r"no room for a \d+-byte arena"):
         make_agent(tiny_tmpfs, memory=8 << 20)
