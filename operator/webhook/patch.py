@@ -9,7 +9,12 @@ what this returns. An opted-in vLLM pod gets, without an image rebuild:
   whose shared-memory arena lives in the memory-backed volume `kvpool-arena`, mounted into vLLM too;
 - on the vLLM container: `--kv-transfer-config` naming KVPoolConnector by module path, and only the
   client settings (`KVPOOL_URL`, `KVPOOL_CHUNK_SIZE`, the token by Secret reference, the CA);
-  `--shutdown-timeout` too when the container sets none (``shutdown_timeout_args``).
+  `--shutdown-timeout` too when the container sets none (``shutdown_timeout_args``);
+- the pool's `imagePullSecrets` the pod lacks (the injected containers run the pool's image).
+
+The pod's own security settings are never changed: the token file is world-readable (mode 0444, in
+a volume only the agent mounts) because without an `fsGroup` the kubelet writes it as root:root.
+A pool in another namespace that uses auth or TLS is a skip: its Secrets are not the pod's to use.
 
 Anything it will not or cannot do is a skip: the pod is admitted as it came, with the reason in
 the annotation `kvpool.io/skip-reason`. A pod already injected is admitted unchanged.
@@ -31,7 +36,7 @@ from ..builders.common import (
     env,
     restricted_security_context,
 )
-from ..settings import InvalidSpec, PoolSettings, parse
+from ..settings import InvalidSpec, PoolSettings, effective_spec, parse
 from ..sizing import MiB, quantity
 from . import vllm_command
 
@@ -50,6 +55,8 @@ PAYLOAD_DIR = "/kvpool/python"
 ARENA_DIR = "/var/run/kvpool"
 AGENT_PORT, AGENT_HTTP_PORT = 7420, 7421  # DESIGN.md §1
 AGENT_URL = f"grpc://127.0.0.1:{AGENT_PORT}"
+ARENA_MODE = "0666"
+"""The arena volume is this pod's own emptyDir: any user the vLLM container runs as may map the file."""
 ARENA_SLACK = 64 * MiB
 """Room in the arena volume beyond the arena itself (the agent's small files beside it)."""
 RUN_AS = 10001
@@ -201,6 +208,7 @@ def agent_args(s: PoolSettings) -> list[str]:
     args = [
         "--port", str(AGENT_PORT), "--http-port", str(AGENT_HTTP_PORT), "--memory", str(s.agent_memory),
         "--lookup-url", lookup, "--pool-url", urls["grpc"], "--arena-dir", ARENA_DIR,
+        "--arena-mode", ARENA_MODE,
     ]  # fmt: skip
     if s.auth_token:
         args += ["--auth-token-file", f"{AUTH_DIR}/{s.auth_token.key}"]
@@ -257,9 +265,9 @@ def volumes(s: PoolSettings) -> list[dict[str, Any]]:
             {"name": ARENA_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": quantity(s.agent_memory + ARENA_SLACK)}},
             {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
         ]  # fmt: skip
-        if s.auth_token:
-            out.append({"name": AUTH_VOLUME, "secret": {"secretName": s.auth_token.name, "defaultMode": 0o440,
-                        "items": [{"key": s.auth_token.key, "path": s.auth_token.key}]}})  # fmt: skip
+        if s.auth_token:  # readable by the agent's uid: the kubelet writes Secret files as root:root
+            out.append({"name": AUTH_VOLUME, "secret": {"secretName": s.auth_token.name, "defaultMode": 0o444,
+                        "items": [{"key": s.auth_token.key, "path": s.auth_token.key, "mode": 0o444}]}})  # fmt: skip
     if s.tls_secret:  # the CA only, never the key
         out.append({"name": CA_VOLUME, "secret": {"secretName": s.tls_secret, "defaultMode": 0o444,
                     "items": [{"key": CA_KEY, "path": CA_KEY}]}})  # fmt: skip
@@ -310,6 +318,40 @@ def shutdown_timeout_args(cmd: vllm_command.VllmCommand, pod_spec: dict[str, Any
     return ["--shutdown-timeout", str(max(1, min(SHUTDOWN_TIMEOUT_S, grace - SHUTDOWN_MARGIN_S)))]
 
 
+def secret_names(s: PoolSettings) -> list[str]:
+    """The Secrets an injected pod references besides pull secrets (the token, the CA)."""
+    return [n for n in (s.auth_token.name if s.auth_token else None, s.tls_secret) if n]
+
+
+def check_namespace(s: PoolSettings, namespace: str) -> None:
+    """A pod can use Secrets of its own namespace only: the token and CA of a pool elsewhere would
+    leave the pod stuck in ContainerCreating (or CreateContainerConfigError), so such a pod is skipped."""
+    names = secret_names(s)
+    if s.namespace == namespace or not names:
+        return
+    raise Skip(
+        f"KVCachePool {s.namespace}/{s.name} uses auth or TLS and its Secrets ({', '.join(names)}) live in "
+        f"namespace {s.namespace}; a pod can only use Secrets of its own namespace: reference a KVCachePool "
+        f"in namespace {namespace} (or a pool without auth and TLS)"
+    )
+
+
+def pull_secret_ops(spec: dict[str, Any], s: PoolSettings) -> list[dict[str, Any]]:
+    """Ops adding the pool's pull secrets the pod lacks: the injected containers run the pool's image.
+    For a pool in another namespace the same names must exist in the pod's; a missing one costs the
+    kubelet only a warning (it pulls with what it has), so they are merged all the same."""
+    have = {(r or {}).get("name") for r in spec.get("imagePullSecrets") or []}
+    ops: list[dict[str, Any]] = []
+    _append(
+        ops,
+        spec,
+        ("spec",),
+        "imagePullSecrets",
+        [{"name": n} for n in dict.fromkeys(s.image_pull_secrets) if n not in have],
+    )
+    return ops
+
+
 def _inject(pod: dict[str, Any], s: PoolSettings, pool_ref: str) -> list[dict[str, Any]]:
     spec = pod.get("spec") or {}
     index, cmd = _vllm_container(pod)
@@ -345,6 +387,7 @@ def _inject(pod: dict[str, Any], s: PoolSettings, pool_ref: str) -> list[dict[st
         value = ":".join(p for p in (PAYLOAD_DIR, pythonpath.get("value", "")) if p)
         ops.append({"op": "replace", "path": _pointer(*base, "env", position, "value"), "value": value})
 
+    ops += pull_secret_ops(spec, s)
     _append(ops, spec, ("spec",), "volumes", new_volumes)
     inits = [connector_container(s)] + ([agent_container(s)] if uses_agent(s) else [])
     _append(ops, spec, ("spec",), "initContainers", inits)
@@ -374,9 +417,10 @@ def admit(pod: dict[str, Any], namespace: str, pool: dict[str, Any] | None) -> D
         if pool is None:
             raise Skip(f"KVCachePool {pool_ns}/{pool_name} not found")
         try:
-            s = parse(pool_name, pool_ns, pool.get("spec") or {})
+            s = parse(pool_name, pool_ns, effective_spec(pool))
         except InvalidSpec as exc:
             raise Skip(f"KVCachePool {pool_ns}/{pool_name} has an invalid spec: {exc}") from None
+        check_namespace(s, namespace)
         return Decision(_inject(pod, s, f"{pool_ns}/{pool_name}"), injected=True)
     except Skip as exc:
         return skipped(pod, str(exc))

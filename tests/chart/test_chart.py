@@ -3,6 +3,8 @@ Kubernetes 1.35 validation of every object, CRDs and RBAC identical to the opera
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import pathlib
 import re
@@ -39,9 +41,16 @@ def helm() -> str:
     return str(fetch_helm.fetch())
 
 
-def render(helm: str, *args: str, namespace: str = "kvpool-system") -> list[dict[str, Any]]:
-    out = subprocess.run([helm, "template", "kvpool", str(CHART), "--namespace", namespace, "--include-crds", *args],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+SERVED = ("--api-versions", "kvpool.io/v1alpha1")
+"""What an upgrade sees: the cluster already serves KVCachePools (a first install does not)."""
+
+
+def render(
+    helm: str, *args: str, namespace: str = "kvpool-system", served: bool = True
+) -> list[dict[str, Any]]:
+    extra = SERVED if served else ()
+    out = subprocess.run([helm, "template", "kvpool", str(CHART), "--namespace", namespace, "--include-crds",
+                          *extra, *args], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -139,14 +148,67 @@ def test_schema_refuses_bad_values(helm: str, bad: list[str]) -> None:
     )
 
 
+TEMPLATED_CRDS = CHART / "files" / "crds"
+"""CRDs the chart renders as templates (upgraded with the release); kopf's stay in the chart's crds/."""
+
+
 def test_crds_are_the_operators() -> None:
-    for path in sorted((CHART / "crds").glob("*.yaml")):
+    copies = [*(CHART / "crds").glob("*.yaml"), *TEMPLATED_CRDS.glob("*.yaml")]
+    for path in copies:
         assert path.read_text() == (ROOT / "crds" / path.name).read_text(), (
-            f"copy crds/{path.name} to the chart"
+            f"copy crds/{path.name} to {path.parent.relative_to(ROOT)}/"
         )
-    assert {p.name for p in (CHART / "crds").glob("*.yaml")} == {
-        p.name for p in (ROOT / "crds").glob("*.yaml")
-    }
+    assert sorted(p.name for p in copies) == sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert (TEMPLATED_CRDS / "kvcachepools.yaml").exists() and not (
+        CHART / "crds" / "kvcachepools.yaml"
+    ).exists()
+
+
+def _crds(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == "CustomResourceDefinition"}
+
+
+def test_the_pool_crd_is_a_kept_template_upgraded_with_the_release(helm: str) -> None:
+    """Helm never upgrades crds/: the KVCachePool CRD is a template (so `helm upgrade` applies a new
+    schema) that `helm uninstall` keeps, since deleting it would delete every pool."""
+    out = subprocess.run([helm, "template", "kvpool", str(CHART), "--namespace", "kvpool-system"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    (crd,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "CustomResourceDefinition"]
+    source = yaml.safe_load((ROOT / "crds" / "kvcachepools.yaml").read_text())
+    assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    assert crd == source
+    assert "kvcachepools.kvpool.io" not in _crds(render(helm, "--set", "crds.install=false"))
+    assert set(_crds(render(helm, "--set", "crds.install=false"))) == {
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    }  # crds/: installed once, before the templates (--skip-crds leaves them out)
+
+
+def test_a_pool_waits_for_the_upgrade_after_the_install_that_brings_its_crd(helm: str) -> None:
+    """Helm builds every object before creating any: a KVCachePool in the install that brings the
+    CRD would fail the whole install ("no matches for kind KVCachePool")."""
+    pools = lambda objs: [o for o in objs if o["kind"] == "KVCachePool"]  # noqa: E731
+    assert pools(render(helm, "--set", "pool.create=true", served=False)) == []
+    assert len(pools(render(helm, "--set", "pool.create=true"))) == 1  # the upgrade
+    assert (
+        len(pools(render(helm, "--set", "pool.create=true", "--set", "crds.install=false", served=False)))
+        == 1
+    )
+    out = subprocess.run([helm, "install", "kvpool", str(CHART), "--dry-run=client", "--namespace", "kvpool-system",
+                          "--set", "pool.create=true"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "helm upgrade kvpool <chart> -n kvpool-system --reuse-values" in out.stdout.split("NOTES:", 1)[1]
+
+
+WEBHOOK_VALUES = {
+    "default": [],
+    "cert-manager": ["--set", "webhook.certManager.enabled=true"],
+    "webhook-off": ["--set", "webhook.enabled=false"],
+}
+
+
+def _rules(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for o in objs if o["kind"] == "ClusterRole" for r in o["rules"]]
 
 
 def test_rbac_is_generated_from_the_operators_rules(helm: str) -> None:
@@ -154,9 +216,88 @@ def test_rbac_is_generated_from_the_operators_rules(helm: str) -> None:
         "run: python -m kvpool.operator.rbac --chart > charts/kvpool/files/rbac-rules.yaml"
     )
     for values in VALUES:
-        roles = [o for o in render(helm, "-f", str(values)) if o["kind"] == "ClusterRole"]
-        assert sorted(r for role in roles for r in map(repr, role["rules"])) == sorted(map(repr, rbac.RULES))
+        objs = render(helm, "-f", str(values))
+        (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
+        args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+        name = args[args.index("--webhook-config-name") + 1] if "--webhook-config-name" in args else None
+        canonical = functools.partial(json.dumps, sort_keys=True)
+        assert sorted(map(canonical, _rules(objs))) == sorted(map(canonical, rbac.rules(name))), values.stem
     assert any("kvcachepools/finalizers" in r["resources"] for r in rbac.RULES)
+
+
+@pytest.mark.parametrize("case", sorted(WEBHOOK_VALUES))
+def test_the_operator_may_patch_only_its_own_webhook_configuration(helm: str, case: str) -> None:
+    """get/patch on every MutatingWebhookConfiguration would let the operator redirect any admission
+    webhook in the cluster: the chart grants it on its own configuration only, and only when the
+    operator keeps that configuration's caBundle (not with cert-manager, not without the webhook)."""
+    objs = render(helm, *WEBHOOK_VALUES[case])
+    rules = _rules(objs)
+    hooks = [o["metadata"]["name"] for o in objs if o["kind"] == "MutatingWebhookConfiguration"]
+    (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    webhook = ("admissionregistration.k8s.io", "mutatingwebhookconfigurations", None)
+    for verb in ("get", "patch", "list", "update", "delete"):
+        assert not rbac.allows(*webhook, verb, "someone-elses-webhook", rules)
+    assert not rbac.allows(*webhook, "patch", None, rules)  # no unnamed (collection-wide) grant
+    if case == "default":
+        assert args[args.index("--webhook-config-name") + 1] == hooks[0] == "kvpool-kvpool-system"
+        assert rbac.allows(*webhook, "get", hooks[0], rules) and rbac.allows(
+            *webhook, "patch", hooks[0], rules
+        )
+    else:
+        assert "--webhook-config-name" not in args
+        assert not any("mutatingwebhookconfigurations" in r["resources"] for r in rules)
+        assert hooks == ([] if case == "webhook-off" else ["kvpool-kvpool-system"])
+
+
+def _pod(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
+    return deploy["spec"]["template"]["spec"]
+
+
+def test_the_operator_can_read_its_cert_manager_certificate(helm: str) -> None:
+    """The kubelet writes Secret files as root:root unless the pod has an fsGroup; mode 0440 then
+    leaves uid 10001 unable to read tls.key and the operator crash-loops."""
+    pod = _pod(render(helm, *WEBHOOK_VALUES["cert-manager"]))
+    security = pod["securityContext"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    mode = volume["secret"].get("defaultMode", 0o644)
+    group_reads = mode & 0o040 and security.get("fsGroup") in (
+        security["runAsGroup"],
+        *security.get("supplementalGroups", ()),
+    )
+    assert mode & 0o004 or group_reads, (oct(mode), security)
+    assert security["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+@pytest.mark.parametrize(("replicas", "strategy"), [(1, "Recreate"), (2, None)])
+def test_a_single_standalone_operator_is_never_run_twice_during_an_upgrade(
+    helm: str, replicas: int, strategy: str | None
+) -> None:
+    """One replica runs --standalone (no peering): a rolling update would start the new pod beside
+    the old one, two operators reconciling the same pools unaware of each other."""
+    objs = render(helm, "--set", f"replicaCount={replicas}")
+    (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert ("--standalone" in args) == (replicas == 1) and ("--require-peering" in args) == (replicas > 1)
+    assert deploy["spec"].get("strategy", {}).get("type") == strategy
+
+
+@pytest.mark.parametrize("case", sorted(WEBHOOK_VALUES))
+def test_the_readiness_probe_asks_a_port_something_serves(helm: str, case: str) -> None:
+    """Without the webhook, `kvpool operator` serves no metrics port (the webhook server does): a
+    probe there would keep the operator un-Ready forever. The NetworkPolicy admits the probe."""
+    objs = render(helm, *WEBHOOK_VALUES[case], "--set", "networkPolicy.enabled=true")
+    (c,) = _pod(objs)["containers"]
+    probe = c["readinessProbe"]["httpGet"]
+    args = c["args"]
+    webhook_on = args[args.index("--webhook-port") + 1] != "0"
+    served = {"health"} | ({"webhook", "metrics"} if webhook_on else set())
+    assert probe["port"] in served, probe
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    (policy,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    open_to_all = {p["port"] for r in policy["spec"]["ingress"] if "from" not in r for p in r["ports"]}
+    assert ports[probe["port"]] in open_to_all and ports[c["livenessProbe"]["httpGet"]["port"]] in open_to_all
 
 
 def test_versions_agree() -> None:

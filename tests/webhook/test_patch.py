@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kvpool.operator import settings
 from kvpool.operator.webhook import patch, vllm_command
 
 from .shapes import EXPECTED, K8S, SECURE_SPEC, apply, container, env_of, pod, pool
@@ -69,7 +70,8 @@ def test_agent_sidecar_follows_the_contract() -> None:
     args = agent["args"]
     assert args[:10] == ["--port", "7420", "--http-port", "7421", "--memory", str(3 << 30), "--lookup-url",
                          "grpc://kvpool-lookup.serving.svc:7410", "--pool-url", "grpc://kvpool.serving.svc:7400"]  # fmt: skip
-    assert args[10:] == ["--arena-dir", "/var/run/kvpool"]
+    # 0666: the arena volume is the pod's own, and a non-root vLLM container is rarely in the agent's group.
+    assert args[10:] == ["--arena-dir", "/var/run/kvpool", "--arena-mode", "0666"]
     env = env_of(agent)
     assert env["KVPOOL_AGENT_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["KVPOOL_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
@@ -226,3 +228,88 @@ def test_vllm_command_recognition(words: list[str], options: list[str] | None) -
 
 def test_k8s_version_is_pinned() -> None:
     assert K8S == "1.35.0"
+
+
+def _file_mode(volume: dict[str, Any], key: str) -> int:
+    """The mode the kubelet gives a Secret item's file: the item's own, else defaultMode (0644)."""
+    secret = volume["secret"]
+    item = next((i for i in secret.get("items") or [] if i["key"] == key), {})
+    return item.get("mode", secret.get("defaultMode", 0o644))
+
+
+def test_secret_files_are_readable_by_the_agent_without_changing_the_pods_security() -> None:
+    """Without an fsGroup the kubelet writes Secret files as root:root; the agent runs as 10001, so
+    the token must be readable by others (the webhook never adds an fsGroup to the user's pod)."""
+    original = pod("production-stack")
+    _decision, patched = admit(original, pool(**SECURE_SPEC))
+    assert patched["spec"].get("securityContext") == original["spec"].get("securityContext")
+    agent = patched["spec"]["initContainers"][-1]
+    assert agent["securityContext"]["runAsUser"] == patch.RUN_AS
+    volumes = {v["name"]: v for v in patched["spec"]["volumes"]}
+    mounted = {m["name"] for m in agent["volumeMounts"]}
+    assert {"kvpool-auth", "kvpool-ca"} <= mounted
+    assert _file_mode(volumes["kvpool-auth"], "token") & 0o004, "the agent cannot read the token"
+    assert _file_mode(volumes["kvpool-ca"], "ca.crt") & 0o004
+    assert "kvpool-auth" not in {m["name"] for m in container(patched, "vllm")["volumeMounts"]}
+
+
+@pytest.mark.parametrize(
+    ("own", "expected"),
+    [
+        (None, [{"name": "regcred"}, {"name": "mirror"}]),
+        ([{"name": "mine"}], [{"name": "mine"}, {"name": "regcred"}, {"name": "mirror"}]),
+        ([{"name": "regcred"}], [{"name": "regcred"}, {"name": "mirror"}]),  # no duplicate
+    ],
+)
+def test_the_pools_pull_secrets_reach_the_pod(own: list[dict[str, str]] | None, expected: list[Any]) -> None:
+    """The injected init containers run the pool's image: without its pull secrets the pod would be
+    stuck in Init:ImagePullBackOff."""
+    obj = pod("bare-vllm-serve")
+    obj["spec"].pop("imagePullSecrets", None)
+    if own is not None:
+        obj["spec"]["imagePullSecrets"] = own
+    decision, patched = admit(obj, pool(imagePullSecrets=[{"name": "regcred"}, {"name": "mirror"}]))
+    assert decision.injected and patched["spec"]["imagePullSecrets"] == expected
+
+
+def test_a_pool_without_pull_secrets_leaves_the_pods_alone() -> None:
+    obj = pod("bare-vllm-serve")
+    obj["spec"].pop("imagePullSecrets", None)
+    _decision, patched = admit(obj, pool())
+    assert "imagePullSecrets" not in patched["spec"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "secrets"),
+    [
+        (SECURE_SPEC, "kvpool-token, kvpool-tls"),
+        ({"auth": SECURE_SPEC["auth"]}, "kvpool-token"),
+        ({"tls": SECURE_SPEC["tls"]}, "kvpool-tls"),
+    ],
+)
+def test_a_pool_elsewhere_with_auth_or_tls_is_a_skip(spec: dict[str, Any], secrets: str) -> None:
+    """Secret references resolve in the pod's namespace only: a token or CA from the pool's namespace
+    would keep the pod from starting."""
+    obj = pod("bare-vllm-serve")
+    obj["metadata"]["annotations"]["kvpool.io/pool"] = "infra/kvpool"
+    decision, patched = admit(obj, pool("infra", **spec))
+    assert not decision.injected
+    assert f"Secrets ({secrets}) live in namespace infra" in decision.reason
+    assert "reference a KVCachePool in namespace serving" in decision.reason
+    assert {**patched, "metadata": {}} == {**obj, "metadata": {}}
+    # The same pool named with the pod's own namespace is injected.
+    obj["metadata"]["annotations"]["kvpool.io/pool"] = "serving/kvpool"
+    assert admit(obj, pool("serving", **spec))[0].injected
+
+
+def test_injected_containers_run_the_image_the_pool_is_pinned_to() -> None:
+    """A pool without spec.image runs the image it was created with, not this operator's default."""
+    pinned = pool()
+    pinned["spec"].pop("image", None)
+    pinned["metadata"]["annotations"] = {settings.PINNED_IMAGE: "registry.example/kvpool:0.0.9"}
+    _decision, patched = admit(pod("bare-vllm-serve"), pinned)
+    images = {c["name"]: c["image"] for c in patched["spec"]["initContainers"]}
+    assert images == {
+        "kvpool-connector": "registry.example/kvpool:0.0.9",
+        "kvpool-agent": "registry.example/kvpool:0.0.9",
+    }

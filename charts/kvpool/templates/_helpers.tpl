@@ -43,3 +43,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "kvpool.certSecret" -}}
 {{- printf "%s-webhook-tls" (include "kvpool.fullname" .) -}}
 {{- end -}}
+
+{{- /* Non-empty when the operator keeps the webhook's caBundle itself (its own CA, no cert-manager). */}}
+{{- define "kvpool.keepsCABundle" -}}
+{{- if and .Values.webhook.enabled (not .Values.webhook.certManager.enabled) -}}true{{- end -}}
+{{- end -}}
+
+{{- /* Non-empty when a KVCachePool can be part of this release: Helm builds every object before it
+creates any, so on the install that brings the CRD (crds.install) the API is not served yet. */}}
+{{- define "kvpool.poolAPIServed" -}}
+{{- if or (not .Values.crds.install) (.Capabilities.APIVersions.Has "kvpool.io/v1alpha1") -}}true{{- end -}}
+{{- end -}}
