@@ -74,8 +74,8 @@ def operator_settings() -> kopf.OperatorSettings:
     # Namespaces are given exactly (or all of them): listing namespaces to match globs is not needed,
     # which also keeps the operator's RBAC free of cluster-wide namespace reads.
     s.scanning.disabled = True
-    # A pool deleted while its status timer runs waits for the timer to exit before its finalizer
-    # goes; kopf looks again only after this many seconds (default 60).
+    # How often kopf checks whether a cancelled pool daemon (`maintain_pool`) has exited; the pool
+    # itself never waits for it (no finalizer). kopf's default is 60 s.
     s.background.cancellation_polling = 1.0
     s.posting.level = logging.WARNING
     s.execution.max_workers = 8

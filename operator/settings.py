@@ -9,6 +9,7 @@ cachenode the operator imports. Defaults here match the CRD's defaults; a test k
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from decimal import Decimal, InvalidOperation
@@ -21,6 +22,12 @@ from . import naming, sizing
 IMAGE_REPOSITORY = "ghcr.io/kvpool/kvpool"
 DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{naming.VERSION_TAG}"
 """The image built from this version's Dockerfile (tag = the chart's appVersion = the package version)."""
+PINNED_IMAGE = "kvpool.io/default-image"
+"""Annotation on a pool without `spec.image`: the image it was created with. Later operator versions
+keep using it, so an operator upgrade does not roll every pool; removing it (with the operator
+running) moves the pool to the operator's current default."""
+
+
 DEFAULT_REPLICAS = 3
 DEFAULT_MEMORY = registry.SETTINGS["memory"].default
 DEFAULT_MAX_VALUE_SIZE = "64MiB"  # below the node's own default: it sizes every node's memory overhead
@@ -36,6 +43,13 @@ PLACEMENT = "rendezvous"
 EVICTION_POLICIES = ("LRU",)  # the only policy the node implements
 DEFAULT_AGENT_MEMORY = "2GiB"
 DEFAULT_AGENT_CPU_REQUEST = "250m"
+DEFAULT_CPU_REQUEST = "250m"
+"""A cache node's CPU request when the spec gives neither request nor limit: without one the
+scheduler packs nodes onto busy machines and they get only leftover CPU under contention."""
+DEFAULT_METRICS_NAMESPACE_SELECTOR: dict[str, Any] = {
+    "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+}
+"""Where Prometheus runs, for the NetworkPolicy's metrics rule (the namespace of kube-prometheus)."""
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 OWNED_NODE_SETTINGS = frozenset({
     "host", "port", "http_port", "data_port", "node_id", "advertise_host", "peers", "pool_name",
@@ -127,6 +141,9 @@ class PoolSettings:
     agent_container_memory: int = 0
     agent_cpu_request: str | None = DEFAULT_AGENT_CPU_REQUEST
     agent_cpu_limit: str | None = None
+    metrics_namespace_selector: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_METRICS_NAMESPACE_SELECTOR)
+    )
 
     @property
     def effective_replication(self) -> int:
@@ -301,6 +318,22 @@ def _string_map(value: Any, field: str) -> dict[str, str]:
     return {str(k): v for k, v in value.items()}
 
 
+def pinned_image(pool: dict[str, Any]) -> str | None:
+    """The image pinned on `pool` by the operator (None: not pinned yet)."""
+    return ((pool.get("metadata") or {}).get("annotations") or {}).get(PINNED_IMAGE) or None
+
+
+def effective_spec(pool: dict[str, Any]) -> dict[str, Any]:
+    """The pool's spec as the operator renders it: without `spec.image`, the pinned image.
+
+    The one source of truth for a pool's node image: `parse(name, namespace, effective_spec(pool))`
+    (the operator's children and the webhook's injected containers use the same image)."""
+    spec = dict(pool.get("spec") or {})
+    if not spec.get("image") and pinned_image(pool):
+        spec["image"] = pinned_image(pool)
+    return spec
+
+
 def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
     """Effective settings of pool `namespace/name`, or InvalidSpec saying what to fix."""
     if len(name) > naming.MAX_POOL_NAME:
@@ -315,7 +348,7 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
     handoff = _int(spec, "handoffDeadlineSeconds", DEFAULT_HANDOFF_DEADLINE, 0, 3600)
     max_value = _size(spec.get("maxValueSize", DEFAULT_MAX_VALUE_SIZE), "maxValueSize")
     cache, container = _memory(spec, max_value)
-    cpu_request, cpu_limit = _cpu(spec.get("resources") or {}, "spec")
+    cpu_request, cpu_limit = _cpu(spec.get("resources") or {}, "spec", DEFAULT_CPU_REQUEST)
 
     disk = spec.get("disk") or {}
     disk_size = disk.get("size")
@@ -463,4 +496,7 @@ def parse(name: str, namespace: str, spec: dict[str, Any]) -> PoolSettings:
         agent_container_memory=agent_container,
         agent_cpu_request=agent_cpu_request,
         agent_cpu_limit=agent_cpu_limit,
+        metrics_namespace_selector=copy.deepcopy(
+            netpol.get("metricsNamespaceSelector", DEFAULT_METRICS_NAMESPACE_SELECTOR)
+        ),
     )

@@ -2,6 +2,13 @@
 
 Pure: the handlers read the StatefulSet and the lookup Deployment and pass them in, so every phase
 and condition rule is tested without a cluster.
+
+Pending or Degraded with no node ready: the StatefulSet's status cannot tell an unschedulable pod
+from a crash-looping one, so the pool's own history decides. A pool none of whose nodes has been
+ready yet (new, scaled up from 0, or still pulling images) is `Pending`; one that had ready nodes
+(its previous status counted ready nodes, or was already Degraded for unready nodes) and lost
+them all is `Degraded`. So a pool whose pods crash from the start stays `Pending`, with a message that says
+where to look.
 """
 
 from __future__ import annotations
@@ -83,7 +90,10 @@ def compute(
     lookup_ready = int(((lookup or {}).get("status") or {}).get("readyReplicas") or 0)
 
     available = ready > 0 or desired == 0
-    degraded = rolled is False and sts is not None and ready < desired and _stalled(sts)
+    never_ready = ready == 0 and not _was_ready(body.get("status") or {})
+    degraded = rolled is False and sts is not None and ready < desired and _stalled(sts) and not never_ready
+    if never_ready and desired and sts is not None:
+        message = f"{message}; {NEVER_READY}"
     if settings is not None and lookup_want and lookup is not None and lookup_ready == 0 and rolled:
         degraded, message = True, f"{message}; lookup service has no ready replica"
     if refused is not None:
@@ -158,6 +168,23 @@ def compute(
         if lookup_want:
             out["lookupReadyReplicas"] = lookup_ready
     return out
+
+
+NEVER_READY = (
+    "no cache node has been ready yet (unschedulable, pulling the image, or failing to start: "
+    "kubectl describe pod)"
+)
+
+
+def _was_ready(previous: dict[str, Any]) -> bool:
+    """Whether the pool had ready nodes at its last status, or had lost them all already (Degraded
+    for unready nodes): what tells Degraded from Pending when no node is ready."""
+    if int(previous.get("readyReplicas") or 0) > 0:
+        return True
+    return any(
+        c.get("type") == "Degraded" and c.get("status") == "True" and c.get("reason") == "NodesUnready"
+        for c in previous.get("conditions") or []
+    )
 
 
 def _stalled(sts: dict[str, Any]) -> bool:

@@ -40,7 +40,7 @@ def desired(owner: dict[str, Any], s: PoolSettings, service_monitors: bool) -> l
         statefulset.build(owner, s, digest),
     ]
     if s.lookup_replicas:
-        out += [lookup.build(owner, s, digest), services.lookup(owner, s)]
+        out += [lookup.build(owner, s), services.lookup(owner, s)]
     if s.pdb_enabled:
         out.append(pdb.build(owner, s))
     if s.network_policy:

@@ -38,6 +38,8 @@ CA_KEY = "ca.crt"
 """The CA's key in the pool's TLS Secret (cert-manager writes it there); clients verify with it."""
 
 RUN_AS = 10001
+SECRET_MODE = 0o440
+"""Secret files: owner root, group = the pod's fsGroup (RUN_AS); the group bits are what let us read."""
 
 
 def env(setting: str) -> str:
@@ -70,16 +72,24 @@ def restricted_security_context() -> dict[str, Any]:
     }
 
 
-def pod_security_context(*, owns_volume: bool) -> dict[str, Any]:
-    """Non-root; `fsGroup` only where the pod writes a volume of its own (the node's disk)."""
-    out: dict[str, Any] = {
+def pod_security_context() -> dict[str, Any]:
+    """Non-root, with `fsGroup`: the kubelet then gives Secret files (token, tls.key) and the node's
+    disk to our group, so uid 10001 can read them (without it Secret files are root's, mode 0440 or
+    not). `OnRootMismatch` skips the recursive chown of a large disk volume on every start."""
+    return {
         "runAsNonRoot": True,
         "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    if owns_volume:
-        out["fsGroup"] = RUN_AS
-    return out
+
+
+def tmp_volume(size_limit: str) -> dict[str, Any]:
+    """The writable /tmp under a read-only root, capped: a runaway writer gets its pod evicted
+    instead of filling the machine's disk."""
+    return {"name": "tmp", "emptyDir": {"sizeLimit": size_limit}}
 
 
 def probes(port: str, tls: bool) -> dict[str, Any]:
@@ -128,11 +138,13 @@ def security_mounts(
     mounts: list[dict[str, Any]] = []
     out_env: list[dict[str, Any]] = []
     if s.auth_token:
-        volumes.append({"name": "auth", "secret": {"secretName": s.auth_token.name, "defaultMode": 0o400}})
+        volumes.append(
+            {"name": "auth", "secret": {"secretName": s.auth_token.name, "defaultMode": SECRET_MODE}}
+        )
         mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
         out_env.append({"name": env("auth_token_file"), "value": f"{AUTH_DIR}/{s.auth_token.key}"})
     if s.tls_secret:
-        volumes.append({"name": "tls", "secret": {"secretName": s.tls_secret, "defaultMode": 0o400}})
+        volumes.append({"name": "tls", "secret": {"secretName": s.tls_secret, "defaultMode": SECRET_MODE}})
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
         out_env += [
             {"name": env("tls_cert_file"), "value": f"{TLS_DIR}/tls.crt"},
@@ -192,6 +204,17 @@ def config_map_source(s: PoolSettings) -> list[dict[str, Any]]:
 def headless_dns(s: PoolSettings) -> str:
     """The headless Service's name: it resolves to every node (published before ready): `--peers`."""
     return f"{naming.headless_service_name(s.name)}.{s.namespace}.svc"
+
+
+def tls_dns_names(s: PoolSettings) -> list[str]:
+    """Every name clients verify the pool's certificate against (docs/operator.md, TLS): each node's
+    own name (what nodes advertise with TLS on), the headless name (peer discovery, Prometheus'
+    `serverName`), the client Service (`KVPOOL_URL`) and the lookup Service."""
+    domain = f"{s.namespace}.svc"
+    out = [f"*.{headless_dns(s)}", headless_dns(s), f"{naming.client_service_name(s.name)}.{domain}"]
+    if s.lookup_replicas:
+        out.append(f"{naming.lookup_name(s.name)}.{domain}")
+    return out
 
 
 def endpoints(s: PoolSettings) -> dict[str, Any]:

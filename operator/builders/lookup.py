@@ -2,7 +2,8 @@
 
 One replica (the index lives in one process), replaced with Recreate so two never answer at once;
 ready (/readyz) only once holders have resynced after a start, so a rolling restart never routes
-lookups to an empty index.
+lookups to an empty index. Its template carries no config hash: it reads nothing from the ConfigMap
+(everything it reads is in the template itself), so memory or tier changes never restart the index.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 from .. import naming
 from ..settings import PoolSettings
 from .common import (
-    CONFIG_HASH,
     LOOKUP_COMPONENT,
     LOOKUP_HTTP_PORT,
     LOOKUP_PORT,
@@ -24,10 +24,14 @@ from .common import (
     restricted_security_context,
     scheduling,
     security_mounts,
+    tmp_volume,
 )
 
+TMP_SIZE = "64Mi"
+"""The lookup keeps its index in memory; /tmp is only for the odd library temp file."""
 
-def build(owner: dict[str, Any], s: PoolSettings, config_hash: str) -> dict[str, Any]:
+
+def build(owner: dict[str, Any], s: PoolSettings) -> dict[str, Any]:
     extra_volumes, extra_mounts, env = security_mounts(s)
     container: dict[str, Any] = {
         "name": "lookup",
@@ -52,13 +56,13 @@ def build(owner: dict[str, Any], s: PoolSettings, config_hash: str) -> dict[str,
             "selector": {"matchLabels": naming.selector(s.name, LOOKUP_COMPONENT)},
             "strategy": {"type": "Recreate"},
             "template": {
-                "metadata": pod_metadata(s, LOOKUP_COMPONENT, {CONFIG_HASH: config_hash}),
+                "metadata": pod_metadata(s, LOOKUP_COMPONENT, {}),
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "securityContext": pod_security_context(owns_volume=False),
+                    "securityContext": pod_security_context(),
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}, *extra_volumes],
+                    "volumes": [tmp_volume(TMP_SIZE), *extra_volumes],
                     **scheduling(s, LOOKUP_COMPONENT),
                 },
             },

@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import naming
 from ..settings import PoolSettings
-from .common import CA_KEY, METRICS_LABEL, NODE_COMPONENT, SERVICE_MONITOR_API_VERSION
+from .common import CA_KEY, METRICS_LABEL, NODE_COMPONENT, SERVICE_MONITOR_API_VERSION, headless_dns
 
 
 def build(owner: dict[str, Any], s: PoolSettings) -> dict[str, Any]:
@@ -15,9 +15,12 @@ def build(owner: dict[str, Any], s: PoolSettings) -> dict[str, Any]:
     endpoint: dict[str, Any] = {"port": "http", "path": "/metrics", "interval": s.service_monitor_interval}
     if s.tls_secret:
         endpoint["scheme"] = "https"
+        # Prometheus dials pod IPs: verify the certificate against the headless Service's name,
+        # which the pool's certificate carries (common.tls_dns_names).
         endpoint["tlsConfig"] = {
             "insecureSkipVerify": False,
             "ca": {"secret": {"name": s.tls_secret, "key": CA_KEY}},
+            "serverName": headless_dns(s),
         }
     if s.auth_token:
         endpoint["authorization"] = {

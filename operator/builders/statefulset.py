@@ -1,14 +1,17 @@
 """The cache-node StatefulSet: stable identities for rendezvous placement, a disk per node.
 
 Each node gets its identity from the downward API (`KVPOOL_NODE_ID` = the pod name, stable across
-restarts; `KVPOOL_ADVERTISE_HOST` = the pod IP, where clients dial its data channel) and finds its
-peers through the headless Service (`KVPOOL_PEERS`, in the ConfigMap). The pod template depends on
+restarts) and advertises where clients dial it (`KVPOOL_ADVERTISE_HOST`): the pod IP, or with TLS
+the pod's stable DNS name under the headless Service, a name its certificate can carry (clients
+verify the host they dial). It finds its peers through the headless Service (`KVPOOL_PEERS`, in
+the ConfigMap). The pod template depends on
 the settings, never on `replicas`, so scaling adds or removes pods without restarting the others.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from .. import naming, sizing
@@ -25,6 +28,7 @@ from .common import (
     container_ports,
     env,
     flag,
+    headless_dns,
     pod_metadata,
     pod_security_context,
     probes,
@@ -32,6 +36,7 @@ from .common import (
     scheduling,
     secret_env,
     security_mounts,
+    tmp_volume,
 )
 
 PRE_STOP_SECONDS = 5
@@ -39,7 +44,32 @@ PRE_STOP_SECONDS = 5
 SHUTDOWN_SECONDS = 15
 """After the handoff: finishing in-flight calls and flushing pending disk writes."""
 
-DOWNWARD_API = {"node_id": "metadata.name", "advertise_host": "status.podIP"}
+TMP_SIZE = "256Mi"
+"""The node writes nothing to /tmp itself (its disk tier has its own volume): room for libraries'
+temp files (UCX, Python) without letting a runaway writer fill the machine's disk."""
+PRE_STOP_COMMAND = ["sleep", str(PRE_STOP_SECONDS)]
+"""An exec hook (the image has coreutils): the `sleep` lifecycle action is off by default before 1.30."""
+_ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def identity_env(s: PoolSettings) -> list[dict[str, Any]]:
+    """`KVPOOL_NODE_ID` from the pod name; `KVPOOL_ADVERTISE_HOST` the pod IP, or with TLS
+    `$(KVPOOL_NODE_ID).<pool>-nodes.<ns>.svc` (Kubernetes expands `$(VAR)` from earlier entries)."""
+    node_id = env("node_id")
+    advertise: dict[str, Any] = (
+        {"value": f"$({node_id}).{headless_dns(s)}"}
+        if s.tls_secret
+        else {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    )
+    return [
+        {"name": node_id, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": env("advertise_host"), **advertise},
+    ]
+
+
+def expand(value: str, earlier: dict[str, str]) -> str:
+    """`$(VAR)` replaced as the kubelet does: by an earlier variable's value, else left as it is."""
+    return _ENV_REF.sub(lambda m: earlier.get(m.group(1), m.group(0)), value)
 
 
 def termination_grace_seconds(s: PoolSettings) -> int:
@@ -55,10 +85,7 @@ def args(s: PoolSettings) -> list[str]:
 
 def pod_env(s: PoolSettings) -> list[dict[str, Any]]:
     """The node container's own env (the ConfigMap comes on top through envFrom)."""
-    out: list[dict[str, Any]] = [
-        {"name": env(setting), "valueFrom": {"fieldRef": {"fieldPath": field}}}
-        for setting, field in DOWNWARD_API.items()
-    ]
+    out = identity_env(s)
     out += secret_env(env("redis_username"), s.redis_username)
     out += secret_env(env("redis_password"), s.redis_password)
     out += secret_env("AWS_ACCESS_KEY_ID", s.s3_access_key)
@@ -73,7 +100,7 @@ def node_environment(s: PoolSettings, config: dict[str, str], pod_name: str, pod
     out = dict(config)
     for item in pod_env(s):
         if "value" in item:
-            out[item["name"]] = item["value"]
+            out[item["name"]] = expand(item["value"], out)
         elif (item.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") in fields:
             out[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
     return {k: v for k, v in out.items() if k.startswith("KVPOOL_")}
@@ -93,7 +120,7 @@ def resources(s: PoolSettings) -> dict[str, Any]:
 def build(owner: dict[str, Any], s: PoolSettings, config_hash: str) -> dict[str, Any]:
     """`config_hash`: the digest of the ConfigMap's data, stamped on the template to roll the pods."""
     extra_volumes, extra_mounts, _ = security_mounts(s)
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, *extra_volumes]
+    volumes: list[dict[str, Any]] = [tmp_volume(TMP_SIZE), *extra_volumes]
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     if s.disk_size:
         mounts.append({"name": "data", "mountPath": DISK_DIR})
@@ -110,7 +137,7 @@ def build(owner: dict[str, Any], s: PoolSettings, config_hash: str) -> dict[str,
         "resources": resources(s),
         "volumeMounts": mounts,
         "securityContext": restricted_security_context(),
-        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
+        "lifecycle": {"preStop": {"exec": {"command": PRE_STOP_COMMAND}}},
         **probes("http", bool(s.tls_secret)),
     }
     spec: dict[str, Any] = {
@@ -128,7 +155,7 @@ def build(owner: dict[str, Any], s: PoolSettings, config_hash: str) -> dict[str,
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,
                 "terminationGracePeriodSeconds": termination_grace_seconds(s),
-                "securityContext": pod_security_context(owns_volume=True),
+                "securityContext": pod_security_context(),
                 "containers": [container],
                 "volumes": volumes,
                 **({"serviceAccountName": s.service_account} if s.service_account else {}),
@@ -153,6 +180,7 @@ def build(owner: dict[str, Any], s: PoolSettings, config_hash: str) -> dict[str,
 
 
 def _claims(sts: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(storage request, storage class) of each volume claim template."""
     return [
         ((c.get("spec") or {}).get("resources", {}).get("requests", {}).get("storage"),
          (c.get("spec") or {}).get("storageClassName"))
@@ -160,14 +188,22 @@ def _claims(sts: dict[str, Any]) -> list[tuple[Any, Any]]:
     ]  # fmt: skip
 
 
+def _same_claim(old: tuple[Any, Any], new: tuple[Any, Any]) -> bool:
+    """By value: the API server stores a `1024Gi` claim as `1Ti`. No class asked for: any will do."""
+    size_same = old[0] == new[0] or sizing.same_quantity(old[0], new[0])
+    return size_same and (not new[1] or old[1] == new[1])
+
+
 def immutable_change(current: dict[str, Any] | None, desired: dict[str, Any]) -> str | None:
-    """Why `desired` cannot be applied over `current` (the API server refuses volume-claim changes)."""
+    """Why `desired` cannot be applied over `current` (the API server refuses volume-claim changes).
+
+    The CRD's CEL rules (`disk: self == oldSelf`, `has(self.disk) == has(oldSelf.disk)`) already
+    refuse such a spec change; this check stays for API servers that skip them (and kmock), and
+    names the conflict in ConfigValid instead of a refused StatefulSet patch."""
     if current is None:
         return None
     old, new = _claims(current), _claims(desired)
-    if len(old) != len(new) or any(
-        o[0] != n[0] or (n[1] and o[1] != n[1]) for o, n in zip(old, new, strict=True)
-    ):
+    if len(old) != len(new) or not all(map(_same_claim, old, new)):
         return (
             f"spec.disk cannot change after the pool is created (StatefulSet volume claims are immutable): "
             f"running with {old or 'no disk'}, spec asks for {new or 'no disk'}; create a new pool instead"

@@ -35,6 +35,8 @@ class Cluster:
         self.emulator = emulator
         self.session = session
         self.generations: dict[str, int] = {}
+        self.stop_operator: Callable[[], Any] = lambda: None
+        """Stop the operator (and wait for it), as when it is scaled to 0 or uninstalled first."""
 
     def get(self, resource: str, name: str, namespace: str = NS) -> dict[str, Any] | None:
         try:
@@ -47,7 +49,9 @@ class Cluster:
         """How many versions the emulator stored for an object: every write adds one."""
         return len(self.emulator.objects[resource, namespace, name].history)
 
-    async def create_pool(self, name: str, spec: dict[str, Any], namespace: str = NS) -> dict[str, Any]:
+    async def create_pool(
+        self, name: str, spec: dict[str, Any], namespace: str = NS, **metadata: Any
+    ) -> dict[str, Any]:
         body = {
             "apiVersion": "kvpool.io/v1alpha1",
             "kind": "KVCachePool",
@@ -59,6 +63,7 @@ class Cluster:
                 "resourceVersion": "1",
                 "generation": 1,
                 "creationTimestamp": "2026-01-01T00:00:00Z",
+                **metadata,
             },
             "spec": spec,
         }
@@ -84,9 +89,11 @@ class Cluster:
         )
 
     async def delete_pool(self, name: str, namespace: str = NS) -> None:
-        async with self.session.delete(
-            f"/apis/kvpool.io/v1alpha1/namespaces/{namespace}/kvcachepools/{name}"
-        ) as r:
+        await self.delete(f"/apis/kvpool.io/v1alpha1/namespaces/{namespace}/kvcachepools/{name}")
+
+    async def delete(self, url: str) -> None:
+        """Like `kubectl delete`: the emulator removes an object without finalizers at once."""
+        async with self.session.delete(url) as r:
             assert r.status < 300, await r.text()
 
     async def wait_for(self, what: Callable[[], Any], timeout: float = 10.0, message: str = "") -> Any:
@@ -164,8 +171,14 @@ async def cluster(
 
         thread = threading.Thread(target=run, name="kopf", daemon=True)
         thread.start()
+
+        async def stop_operator() -> None:
+            stop.set()
+            await asyncio.to_thread(thread.join, 20)
+
         async with aiohttp.ClientSession(base_url=url) as session:
             c = Cluster(emulator, session)
+            c.stop_operator = stop_operator
             # Objects created before kopf's WATCH would be replayed to it as ADDED twice.
             await c.wait_for(
                 lambda: any(
@@ -180,7 +193,6 @@ async def cluster(
             try:
                 yield c
             finally:
-                stop.set()
-                await asyncio.to_thread(thread.join, 20)
+                await stop_operator()
         assert not thread.is_alive(), "kopf did not stop"
         assert not errors, errors

@@ -75,13 +75,14 @@ def test_full_spec_wires_tiers_secrets_disk_and_scheduling() -> None:
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3", "key": "secretAccessKey"}}
     assert env["KVPOOL_AUTH_TOKEN_FILE"] == "/etc/kvpool/auth/token"
     assert env["KVPOOL_TLS_CERT_FILE"] == "/etc/kvpool/tls/tls.crt"
-    # Identity from the downward API: the pod name (stable) for placement, the pod IP to be dialled at.
+    # Identity from the downward API: the pod name (stable) for placement; with TLS the pod's DNS
+    # name (a certificate can carry it; a pod IP it cannot) is where clients dial it.
     assert env["KVPOOL_NODE_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert env["KVPOOL_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["KVPOOL_ADVERTISE_HOST"] == "$(KVPOOL_NODE_ID).pool-nodes.ns.svc"
     assert "KVPOOL_POD_IP" not in env
     assert node["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     # Stopping: a preStop pause, then the handoff deadline, then a clean shutdown.
-    assert node["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    assert node["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
     assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 15
     claim = sts["spec"]["volumeClaimTemplates"][0]
     assert (
@@ -217,3 +218,105 @@ def test_contains_is_subset_with_exact_lists() -> None:
     assert kube.contains({"a": 1, "b": {"c": [1, {"d": 2, "e": 3}]}}, {"b": {"c": [1, {"d": 2}]}})
     assert not kube.contains({"b": {"c": [1]}}, {"b": {"c": [1, 2]}})
     assert not kube.contains({"a": {"x": 1}}, {"a": {"x": 2}})
+
+
+def _as_stored(value: Any) -> Any:
+    """What the API server gives back: empty maps and lists are not stored (`annotations: {}`)."""
+    if isinstance(value, dict):
+        return {k: _as_stored(v) for k, v in value.items() if v not in ({}, [])}
+    if isinstance(value, list):
+        return [_as_stored(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("spec", [{"replicas": 1}, FULL], ids=["minimal", "full"])
+def test_children_as_the_api_server_stores_them_need_no_write(spec: dict[str, Any]) -> None:
+    """Otherwise every status pass rewrites them (the lookup's empty template annotations did)."""
+    assert kube.contains({"a": 1}, {"a": 1, "b": {}, "c": []})
+    assert not kube.contains({"a": 1}, {"b": {"x": 1}})
+    s = parse("pool", "ns", spec)
+    for obj in builders.desired(OWNER, s, service_monitors=True):
+        stamped = kube.stamped(obj)
+        assert kube.contains(_as_stored(stamped), stamped), f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def _pod(objs: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
+    return objs[key]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("key", ["StatefulSet/pool", "Deployment/pool-lookup"])
+def test_our_pods_can_read_their_secrets(key: str) -> None:
+    """The kubelet writes Secret files as root; only fsGroup makes them group 10001, and then the
+    group bits (0440) are what let uid 10001 read the token and tls.key."""
+    pod = _pod(render(FULL), key)
+    security = pod["securityContext"]
+    assert security["runAsUser"] == security["runAsGroup"] == security["fsGroup"] == 10001
+    assert security["fsGroupChangePolicy"] == "OnRootMismatch"  # no chown of a full disk on each start
+    secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    assert {s["secretName"] for s in secrets} == {"tok", "tls"}
+    assert all(s["defaultMode"] == 0o440 for s in secrets)
+
+
+def test_tmp_is_capped_and_pre_stop_needs_no_feature_gate() -> None:
+    objs = render({})
+    for key in ("StatefulSet/pool", "Deployment/pool-lookup"):
+        tmp = next(v for v in _pod(objs, key)["volumes"] if v["name"] == "tmp")
+        assert tmp["emptyDir"]["sizeLimit"], key
+    node = _pod(objs, "StatefulSet/pool")["containers"][0]
+    assert "sleep" not in node["lifecycle"]["preStop"]  # the sleep action is off by default on 1.29
+    assert node["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+
+
+def test_nodes_get_a_default_cpu_request() -> None:
+    assert _pod(render({}), "StatefulSet/pool")["containers"][0]["resources"]["requests"]["cpu"] == "250m"
+    limited = render({"resources": {"limits": {"cpu": "2"}}})
+    assert _pod(limited, "StatefulSet/pool")["containers"][0]["resources"]["requests"]["cpu"] == "2"
+
+
+def test_memory_change_rolls_the_nodes_but_not_the_lookup() -> None:
+    """The lookup reads nothing from the ConfigMap: a tier or memory change must not restart the index."""
+    a, b = render({"memory": "1GiB"}), render({"memory": "2GiB"})
+    assert a["StatefulSet/pool"]["spec"]["template"] != b["StatefulSet/pool"]["spec"]["template"]
+    assert a["Deployment/pool-lookup"]["spec"]["template"] == b["Deployment/pool-lookup"]["spec"]["template"]
+    tiers = render({"memory": "1GiB", "tiers": {"redis": {"url": "redis://r:6379/0"}}})
+    lookup = a["Deployment/pool-lookup"]["spec"]["template"]
+    assert tiers["Deployment/pool-lookup"]["spec"]["template"] == lookup
+
+
+def test_without_tls_nodes_advertise_their_pod_ip() -> None:
+    env = {e["name"]: e for e in _pod(render({}), "StatefulSet/pool")["containers"][0]["env"]}
+    assert env["KVPOOL_ADVERTISE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+
+
+def test_tls_nodes_advertise_a_name_their_certificate_carries() -> None:
+    """With TLS, clients dial what a node advertises and verify that name: a DNS name under the
+    headless Service (the `$(VAR)` the kubelet expands comes earlier in the env)."""
+    s = parse("pool", "ns", FULL)
+    names = [e["name"] for e in statefulset.pod_env(s)]
+    assert names.index("KVPOOL_NODE_ID") < names.index("KVPOOL_ADVERTISE_HOST")
+    env = statefulset.node_environment(s, {}, pod_name="pool-2", pod_ip="10.0.0.9")
+    assert env["KVPOOL_ADVERTISE_HOST"] == "pool-2.pool-nodes.ns.svc"
+    assert common.endpoints(s)["nodes"][2] == "pool-2.pool-nodes.ns.svc:7400"
+    sans = common.tls_dns_names(s)
+    assert sans == ["*.pool-nodes.ns.svc", "pool-nodes.ns.svc", "pool.ns.svc", "pool-lookup.ns.svc"]
+    objs = render(FULL)
+    tls = objs["ServiceMonitor/pool"]["spec"]["endpoints"][0]["tlsConfig"]
+    assert tls["serverName"] in sans  # Prometheus dials pod IPs; it must verify some name the cert has
+    assert objs["ConfigMap/pool-kvpool"]["data"]["KVPOOL_URL"].split("//")[1].split(":")[0] in sans
+
+
+def test_network_policy_admits_prometheus_to_the_metrics_port_only() -> None:
+    rules = render(FULL)["NetworkPolicy/pool"]["spec"]["ingress"]
+    assert rules[1:] == [
+        {
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "ports": [{"protocol": "TCP", "port": 7401}],
+        }
+    ]
+    chosen = {"matchLabels": {"team": "observability"}}
+    spec = {**FULL, "networkPolicy": {**FULL["networkPolicy"], "metricsNamespaceSelector": chosen}}
+    assert render(spec)["NetworkPolicy/pool"]["spec"]["ingress"][-1]["from"] == [
+        {"namespaceSelector": chosen}
+    ]
+    no_monitor = {**FULL, "metrics": {"serviceMonitor": {"enabled": False}}}
+    assert len(render(no_monitor)["NetworkPolicy/pool"]["spec"]["ingress"]) == 1

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from typing import Any
 
 import kmock
+import kopf
 import pytest
 
-from kvpool.operator import handlers, rbac
+from kvpool.operator import handlers, rbac, settings
 
 from .conftest import NS, POOLS, Cluster
 
@@ -100,7 +103,7 @@ async def test_create_makes_owned_children_and_status(cluster: Cluster) -> None:
     pool = await settled(cluster)
     st = pool["status"]
     assert st["phase"] == "Pending" and st["readyReplicas"] == 0
-    assert st["memory"] == "1024Mi" and st["containerMemory"] == "1552Mi"
+    assert st["memory"] == "1Gi" and st["containerMemory"] == "1552Mi"
     assert st["hashing"] == {
         "algorithm": "blake3",
         "chunkSize": 256,
@@ -165,7 +168,7 @@ async def test_update_rolls_the_statefulset(cluster: Cluster) -> None:
     )
     assert after["spec"]["containers"][0]["resources"]["limits"]["memory"] == "2592Mi"
     assert cluster.get(CM, "p1-kvpool")["data"]["KVPOOL_REDIS_URL"] == "redis://cache:6379/0"
-    assert pool["status"]["memory"] == "2048Mi"
+    assert pool["status"]["memory"] == "2Gi"
 
 
 @pytest.mark.asyncio
@@ -190,7 +193,7 @@ async def test_invalid_spec_sets_condition_and_keeps_children(cluster: Cluster) 
     assert condition(pool, "ConfigValid")["status"] == "True"
     assert (
         cluster.get(STS, "p1")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
-        == "5120Mi"
+        == "5Gi"
     )
 
 
@@ -227,10 +230,10 @@ async def test_status_reports_a_generation_only_once_its_children_are_applied(
     report the new generation (tests and users take observedGeneration as "applied")."""
     reconcile = handlers.reconcile
 
-    def slow(body: Any, patch: Any, logger: Any) -> Any:
+    def slow(body: Any, patch: Any, logger: Any, **kw: Any) -> Any:
         if body["metadata"].get("generation") == 2:
             time.sleep(1.0)  # several status-timer periods (0.3 s here)
-        return reconcile(body, patch, logger)
+        return reconcile(body, patch, logger, **kw)
 
     monkeypatch.setattr(handlers, "reconcile", slow)
     await cluster.create_pool("p1", {"replicas": 1})
@@ -270,18 +273,142 @@ async def test_status_follows_the_statefulset(cluster: Cluster) -> None:
 
 
 @pytest.mark.asyncio
-async def test_delete_leaves_nothing_owned(cluster: Cluster) -> None:
+async def test_pools_carry_no_finalizer_and_delete_without_the_operator(cluster: Cluster) -> None:
+    """Children go with their pool by garbage collection (owner references), so a pool needs no
+    finalizer: deleting it, its namespace, or `helm uninstall` (operator first) never hangs."""
     created = await cluster.create_pool("p1", {"replicas": 1, "networkPolicy": {"enabled": True}})
     await settled(cluster)
-    assert cluster.get("networking.k8s.io/v1/networkpolicies", "p1") is not None
-    await cluster.delete_pool("p1")
-    await cluster.wait_for(lambda: cluster.get(POOLS, "p1") is None, message="pool gone (finalizer released)")
+    await asyncio.sleep(3 * handlers.STATUS_INTERVAL)  # the daemon has run too
+    assert cluster.get(POOLS, "p1")["metadata"].get("finalizers", []) == []
     uid = created["metadata"]["uid"]
-    owned = [
-        key for key, obj in cluster.emulator.objects.items()
-        if not obj.deleted and any(ref.get("uid") == uid for ref in obj.raw.get("metadata", {}).get("ownerReferences", []))
-    ]  # fmt: skip
-    assert owned == []
+    for resource, name in [*CHILDREN, ("networking.k8s.io/v1/networkpolicies", "p1")]:
+        (ref,) = cluster.get(resource, name)["metadata"]["ownerReferences"]
+        assert ref["uid"] == uid and ref["controller"] is True and ref["blockOwnerDeletion"] is True
+    await cluster.stop_operator()
+    await cluster.delete_pool("p1")
+    assert cluster.get(POOLS, "p1") is None
+
+
+@pytest.mark.asyncio
+async def test_the_finalizer_of_older_versions_is_removed(cluster: Cluster) -> None:
+    """Pools created by an operator that kept a finalizer lose it, so they too delete without it."""
+    await cluster.create_pool("p1", {"replicas": 1}, finalizers=["kvpool.io/operator", "example.com/keep"])
+    await cluster.wait_for(
+        lambda: cluster.get(POOLS, "p1")["metadata"].get("finalizers") == ["example.com/keep"],
+        message="our finalizer removed, others kept",
+    )
+    await settled(cluster)
+
+
+def test_no_handler_asks_kopf_for_a_finalizer() -> None:
+    registry = kopf.get_default_registry()
+    handlers_ = [*registry._spawning.get_all_handlers(), *registry._changing.get_all_handlers()]
+    assert {h.id for h in handlers_} >= {"maintain_pool", "on_change"}
+    assert [h.id for h in handlers_ if h.requires_finalizer] == []
+
+
+@pytest.mark.asyncio
+async def test_deleted_and_edited_children_come_back(cluster: Cluster) -> None:
+    await cluster.create_pool("p1", {"replicas": 2})
+    await settled(cluster)
+    port = cluster.get(SVC, "p1")["spec"]["ports"]
+    for resource, name in [(CM, "p1-kvpool"), (SVC, "p1-nodes"), (STS, "p1")]:
+        group = "api/v1" if resource.startswith("v1/") else f"apis/{resource.rsplit('/', 1)[0]}"
+        await cluster.delete(f"/{group}/namespaces/{NS}/{resource.rsplit('/', 1)[1]}/{name}")
+        assert cluster.get(resource, name) is None
+    edited = [{**port[0], "port": 9999}, *port[1:]]
+    await cluster.patch(f"/api/v1/namespaces/{NS}/services/p1", {"spec": {"ports": edited}})
+    for resource, name in [(CM, "p1-kvpool"), (SVC, "p1-nodes"), (STS, "p1")]:
+        await cluster.wait_for(
+            lambda r=resource, n=name: cluster.get(r, n),
+            timeout=5 * handlers.STATUS_INTERVAL + 2,
+            message=f"{resource} {name} recreated",
+        )
+    await cluster.wait_for(
+        lambda: cluster.get(SVC, "p1")["spec"]["ports"] == port, message="the Service's ports restored"
+    )
+    assert cluster.get(STS, "p1")["spec"]["replicas"] == 2
+
+
+@pytest.mark.asyncio
+async def test_a_pass_over_an_unchanged_pool_only_reads_each_child_once(cluster: Cluster) -> None:
+    await cluster.create_pool("p1", {"replicas": 2})
+    await settled(cluster)
+    await asyncio.sleep(3 * handlers.STATUS_INTERVAL)  # the first passes may still report progress
+    mark = len(cluster.requests())
+    await asyncio.sleep(8 * handlers.STATUS_INTERVAL)
+    requests = cluster.requests()[mark:]
+    ours = [r for r in requests if r.resource is not None and r.resource.plural not in ("events",)]
+    writes = [f"{r.method} {r.url.path}" for r in ours if r.action != kmock.action.FETCH]
+    writes = [w for w in writes if not w.startswith("GET")]  # LIST/WATCH by kopf are reads too
+    assert writes == []
+    gets = collections.Counter((r.resource.plural, r.name) for r in ours if r.action == kmock.action.FETCH)
+    # One GET per child and pass, none of the pool (the window may cut a pass in two).
+    assert set(gets) == {
+        ("configmaps", "p1-kvpool"), ("services", "p1-nodes"), ("services", "p1"),
+        ("services", "p1-lookup"), ("statefulsets", "p1"), ("deployments", "p1-lookup"),
+        ("poddisruptionbudgets", "p1"),
+    }  # fmt: skip
+    passes = gets["configmaps", "p1-kvpool"]
+    assert passes >= 3 and all(abs(n - passes) <= 1 for n in gets.values()), gets
+
+
+@pytest.mark.asyncio
+async def test_a_disk_the_api_server_rewrites_stays_valid_and_scalable(cluster: Cluster) -> None:
+    """The API server stores `1024Gi` as `1Ti` and `10240Mi` as `10Gi`: no Invalid pool, no rewrite."""
+    await cluster.create_pool("p1", {"replicas": 2, "memory": "8GiB", "disk": {"size": "1024Gi"}})
+    await settled(cluster)
+    sts = cluster.get(STS, "p1")
+    claims = sts["spec"]["volumeClaimTemplates"]
+    claims[0]["spec"]["resources"]["requests"]["storage"] = "1Ti"
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    container["resources"]["requests"]["memory"] = container["resources"]["limits"]["memory"] = str(
+        8 * 2**30 + (256 + 256 + 128) * 2**20
+    )
+    await cluster.patch(
+        f"/apis/apps/v1/namespaces/{NS}/statefulsets/p1",
+        {"spec": {"volumeClaimTemplates": claims, "template": sts["spec"]["template"]}},
+    )
+    versions = cluster.versions(STS, "p1")
+    await asyncio.sleep(5 * handlers.STATUS_INTERVAL)
+    pool = cluster.get(POOLS, "p1")
+    assert pool["status"]["phase"] != "Invalid", condition(pool, "ConfigValid")
+    assert cluster.versions(STS, "p1") == versions  # no write: same quantities, other spelling
+    await cluster.patch_pool_spec("p1", {"replicas": 3})
+    await settled(cluster, generation=2)
+    assert cluster.get(STS, "p1")["spec"]["replicas"] == 3
+    assert condition(cluster.get(POOLS, "p1"), "ConfigValid")["status"] == "True"
+
+
+@pytest.mark.asyncio
+async def test_an_operator_upgrade_keeps_the_image_a_pool_was_created_with(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "DEFAULT_IMAGE", "registry.example/kvpool:1.0")
+    await cluster.create_pool("p1", {"replicas": 1})
+    await settled(cluster)
+
+    def image() -> str:
+        return cluster.get(STS, "p1")["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    assert image() == "registry.example/kvpool:1.0"
+    pool = cluster.get(POOLS, "p1")
+    assert pool["metadata"]["annotations"][settings.PINNED_IMAGE] == "registry.example/kvpool:1.0"
+    # The next operator version defaults to another image; an update and the passes keep the pin.
+    monkeypatch.setattr(settings, "DEFAULT_IMAGE", "registry.example/kvpool:2.0")
+    await cluster.patch_pool_spec("p1", {"replicas": 2})
+    await settled(cluster, generation=2)
+    await asyncio.sleep(3 * handlers.STATUS_INTERVAL)
+    assert image() == "registry.example/kvpool:1.0"
+    # Removing the pin moves the pool to the operator's current default.
+    annotations = {settings.PINNED_IMAGE: None}
+    await cluster.patch(
+        f"/apis/kvpool.io/v1alpha1/namespaces/{NS}/kvcachepools/p1",
+        {"metadata": {"annotations": annotations}},
+    )
+    await cluster.wait_for(lambda: image() == "registry.example/kvpool:2.0", message="the new default image")
+    pinned = cluster.get(POOLS, "p1")["metadata"]["annotations"][settings.PINNED_IMAGE]
+    assert pinned == "registry.example/kvpool:2.0"
 
 
 @pytest.mark.parametrize("service_monitors", [True])
