@@ -300,6 +300,15 @@ def test_the_readiness_probe_asks_a_port_something_serves(helm: str, case: str) 
     assert ports[probe["port"]] in open_to_all and ports[c["livenessProbe"]["httpGet"]["port"]] in open_to_all
 
 
+@pytest.mark.parametrize("case", sorted(WEBHOOK_VALUES))
+def test_no_metrics_service_points_at_a_port_nothing_serves(helm: str, case: str) -> None:
+    objs = render(helm, *WEBHOOK_VALUES[case], "--set", "metrics.serviceMonitor.enabled=true")
+    (c,) = _pod(objs)["containers"]
+    webhook_on = c["args"][c["args"].index("--webhook-port") + 1] != "0"
+    metrics = [o for o in objs if o["kind"] == "ServiceMonitor" or o["metadata"]["name"].endswith("-metrics")]
+    assert len(metrics) == (2 if webhook_on else 0), [o["metadata"]["name"] for o in metrics]
+
+
 def test_versions_agree() -> None:
     """The chart's appVersion, the package version, the image the operator defaults to, the Dockerfile."""
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())

@@ -244,3 +244,29 @@ def test_an_operator_restart_rewrites_nothing(k8s: Any, namespace: str, operator
     for (kind, child), version in versions.items():
         if kind != "StatefulSet":  # its status may move; its generation above may not
             assert read_child(k8s, kind, namespace, child).metadata.resource_version == version, kind
+
+
+def test_a_pool_whose_pods_cannot_be_scheduled_is_pending(
+    k8s: Any, namespace: str, operator: Operator
+) -> None:
+    spec = {"replicas": 2, "memory": "256MiB", "scheduling": {"nodeSelector": {"kvpool.io/e2e": "nowhere"}}}
+    create_pool(k8s, namespace, "unplaced", spec)
+    pods = k8s.client.CoreV1Api()
+    wait_for(
+        lambda: (
+            len(
+                pods.list_namespaced_pod(
+                    namespace,
+                    label_selector="app.kubernetes.io/instance=unplaced,app.kubernetes.io/component=cache-node",
+                ).items
+            )
+            == 2
+        ),
+        message="the pods created",
+    )
+    time.sleep(3 * STATUS_INTERVAL)  # several status passes over the Pending pods
+    pool = get_pool(k8s, namespace, "unplaced") or {}
+    assert pool["status"]["phase"] == "Pending", pool["status"]
+    assert pool["status"]["observedGeneration"] == pool["metadata"]["generation"]
+    conditions = {c["type"]: c for c in pool["status"]["conditions"]}
+    assert conditions["Degraded"]["status"] == "False" and conditions["Available"]["status"] == "False"
