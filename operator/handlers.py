@@ -367,7 +367,8 @@ async def on_event(type: str, body: kopf.Body, **_: Any) -> None:
 def _without_finalizer(fn: Callable[..., Any]) -> Callable[..., Any]:
     """kopf (1.45) gives every daemon and timer a finalizer so it can stop them before the object
     goes; `maintain_pool` stops itself, and a finalizer would keep pools Terminating while the
-    operator is down. No public switch exists: the registered handler is replaced."""
+    operator is down. No public switch exists: the registered handler is replaced (pyproject keeps
+    kopf below 1.46; tests/operator_ checks that no handler asks for a finalizer)."""
     spawning = kopf.get_default_registry()._spawning
     spawning._handlers = [
         dataclasses.replace(h, requires_finalizer=False) if h.fn is fn else h for h in spawning._handlers
