@@ -101,6 +101,21 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return FileAndEngineScheduling(config, log)
 
 
+def issue_cert(ca_dir: Path, name: str, san: str, cn: str | None = None) -> tuple[Path, Path]:
+    """`<name>.crt` and `<name>.key` in `ca_dir` for `san` (openssl extension syntax, e.g.
+    `DNS:localhost`), signed by the CA there (`ca.crt`, `ca.key`)."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=ca_dir)
+
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+        "-subj", f"/CN={cn or name}")  # fmt: skip
+    (ca_dir / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")  # fmt: skip
+    return ca_dir / f"{name}.crt", ca_dir / f"{name}.key"
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
     """A CA and a server certificate for 127.0.0.1 / localhost, made on the spot (needs openssl)."""
@@ -139,36 +154,7 @@ def certs(tmp_path_factory):
         "-subj",
         "/CN=some-other-ca",
     )
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "node.key",
-        "-out",
-        "node.csr",
-        "-subj",
-        "/CN=localhost",
-    )
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        "node.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "node.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    )
+    issue_cert(d, "node", "IP:127.0.0.1,DNS:localhost", cn="localhost")
     return d
 
 

@@ -19,6 +19,7 @@ from kvpool.cachenode.settings import NodeSettings
 from kvpool.cachenode.transport.tls import load_server_tls
 from kvpool.cli.local_servers import free_port
 
+from ..conftest import issue_cert
 from .conftest import run_node
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
@@ -70,7 +71,7 @@ def test_untrusted_or_plaintext_clients_are_refused(tls_node, certs):
         client.put(b"after-plaintext", b"ok")
         assert client.get(b"after-plaintext") == b"ok"
     with pytest.raises(InvalidRequest, match="PEM"):
-        Client(tls_node.url, tls_ca_file=str(certs / "ext.cnf"))
+        Client(tls_node.url, tls_ca_file=str(certs / "node.ext"))
 
 
 def test_https_health(tls_node, certs):
@@ -89,7 +90,7 @@ def test_mismatched_or_missing_tls_flags(certs):
             ["--tls-cert-file", str(certs / "node.crt"), "--tls-key-file", str(certs / "ca.key")],
             "usable pair",
         ),
-        (["--tls-cert-file", str(certs / "ext.cnf"), "--tls-key-file", str(certs / "node.key")], "PEM"),
+        (["--tls-cert-file", str(certs / "node.ext"), "--tls-key-file", str(certs / "node.key")], "PEM"),
     ):
         result = subprocess.run([*kvpool, *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stderr
@@ -97,30 +98,9 @@ def test_mismatched_or_missing_tls_flags(certs):
 
 
 def issue(certs, name: str, san: str):
-    """A certificate for `san` (openssl extension syntax), signed by the fixture's CA:
-    (cert path, key path, DER bytes)."""
-    d = certs / name
-    d.mkdir()
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
-
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "tls.key",
-        "-out",
-        "tls.csr",
-        "-subj",
-        f"/CN={name}",
-    )
-    (d / "ext.cnf").write_text(f"subjectAltName={san}\n")
-    run("x509", "-req", "-in", "tls.csr", "-CA", str(certs / "ca.crt"), "-CAkey", str(certs / "ca.key"),
-        "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
-    return d / "tls.crt", d / "tls.key", ssl.PEM_cert_to_DER_cert((d / "tls.crt").read_text())
+    """A certificate for `san` signed by the fixture's CA: (cert path, key path, DER bytes)."""
+    cert, key = issue_cert(certs, name, san)
+    return cert, key, ssl.PEM_cert_to_DER_cert(cert.read_text())
 
 
 def kubelet_mount(target, version: str, cert, key) -> None:
