@@ -44,12 +44,14 @@ from kubernetes.client.exceptions import ApiException
 
 from . import builders, naming, settings, status
 from .builders import statefulset
-from .kube import Kube, api_error, contains, holds
+from .kube import Kube, api_error, contains, holds, namespace_terminating
 
 STATUS_INTERVAL = float(os.environ.get("KVPOOL_STATUS_INTERVAL", "10"))
 """Seconds between repair and status passes over each pool (rollouts report progress this often)."""
 
 _RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
+TERMINATING = "namespace terminating"
+"""The outcome of a child the API server refused because its namespace is being deleted."""
 POOL = (naming.API_VERSION, naming.KIND)
 
 log = logging.getLogger("kvpool.operator")
@@ -155,6 +157,9 @@ def apply_children(
         try:
             outcome[child] = kube.apply(obj, current)
         except ApiException as exc:
+            if namespace_terminating(exc):
+                outcome[child] = TERMINATING
+                continue
             outcome[child] = "refused"
             refused.append(f"the API server refused {child}: {api_error(exc)}")
     return outcome, refused
@@ -284,7 +289,13 @@ def refresh(kube: Kube, pool: dict[str, Any], logger: Any = log) -> bool:
         if _in_flight(fresh):  # type: ignore[arg-type]
             return True
         outcome, refused = apply_children(kube, observed, only_stale=True)
+        if TERMINATING in outcome.values():
+            # The namespace controller is deleting the children and then the pool: not drift.
+            logger.info(f"Namespace {namespace} is being deleted: children of {name} are not repaired")
+            return True
         logger.warning(f"Repaired children of {namespace}/{name} changed or deleted by others: {outcome}")
+        if refused:
+            logger.error("; ".join(refused))
     new = status.compute(
         pool,
         observed.settings,

@@ -45,6 +45,17 @@ def api_error(exc: ApiException) -> str:
     return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
 
 
+def namespace_terminating(exc: ApiException) -> bool:
+    """A refusal because the namespace is being deleted: everything in it goes, nothing to repair."""
+    try:
+        details = json.loads(exc.body or "{}").get("details") or {}
+    except (ValueError, AttributeError):
+        return False
+    return exc.status == 403 and any(
+        c.get("reason") == "NamespaceTerminating" for c in details.get("causes") or []
+    )
+
+
 def path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
     """The URL of a kind (namespace None: a cluster-scoped kind)."""
     prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
