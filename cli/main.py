@@ -8,13 +8,6 @@ import click
 
 from . import (
     agent_cmd,
-    bench_copy,
-    bench_lookup,
-    bench_node,
-    bench_p2p,
-    bench_pool,
-    bench_tiers,
-    bench_ttft,
     demo_cmd,
     lookup_cmd,
     node_cmd,
@@ -22,17 +15,13 @@ from . import (
     payload_cmd,
     status_cmd,
 )
+from .bench import bench
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="kvpool", prog_name="kvpool")
 def cli() -> None:
     """kvpool: a Kubernetes-native distributed KV cache for LLM serving."""
-
-
-@cli.group("bench")
-def bench() -> None:
-    """Benchmarks that print their same-run baselines and ratios (--json for one JSON line)."""
 
 
 cli.add_command(node_cmd.node)
@@ -43,15 +32,7 @@ cli.add_command(status_cmd.status)
 cli.add_command(demo_cmd.demo)
 cli.add_command(operator_cmd.operator)
 cli.add_command(payload_cmd.payload)
-
-
-bench.add_command(bench_copy.copy_cmd)
-bench.add_command(bench_lookup.lookup)
-bench.add_command(bench_node.node)
-bench.add_command(bench_p2p.p2p)
-bench.add_command(bench_pool.pool)
-bench.add_command(bench_tiers.tiers)
-bench.add_command(bench_ttft.ttft)
+cli.add_command(bench)  # lazy: a bench module is imported only when its command is asked for
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""`kvpool bench ttft`'s GPU figure (bench_ttft_gpu.py), checked on the CPU with a small shape.
+"""`kvpool bench ttft`'s GPU figure (cli/bench/ttft_gpu.py), checked on the CPU with a small shape.
 
 The figures mean nothing here; what is checked is the path: chunks saved out of a paged cache by
 the connector's Saver, loaded back by its Loader, and a decode step over the loaded KV that gives
@@ -13,14 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kvpool.cli import bench_ttft_gpu
-from kvpool.cli.bench_ttft import ttft
+from kvpool.cli.bench import ttft_gpu
+from kvpool.cli.bench.ttft import ttft
 
-SMALL = bench_ttft_gpu.Shape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=512)
+SMALL = ttft_gpu.Shape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=512)
 
 
 def test_the_gpu_figure_path_loads_exactly_what_prefill_wrote():
-    out = bench_ttft_gpu.run([256, 600], repeats=1, progress=lambda _m: None, shape=SMALL)
+    out = ttft_gpu.run([256, 600], repeats=1, progress=lambda _m: None, shape=SMALL)
     for n in (256, 600):  # 600: two whole chunks cached, the rest recomputed
         assert out[f"gpu_outputs_identical_{n}"] is True
         assert out[f"gpu_load_ms_{n}"] > 0 and out[f"baseline_gpu_prefill_ms_{n}"] > 0
@@ -37,8 +37,8 @@ def test_a_load_that_writes_nothing_is_seen(monkeypatch):
     from kvpool.connector import kvcopy
 
     monkeypatch.setattr(kvcopy, "scatter_chunks", lambda *args, **kwargs: "torch")
-    model = bench_ttft_gpu.Model(SMALL, torch.device("cpu"))
-    out = bench_ttft_gpu.measure_length(model, 256, 1, progress=lambda _m: None)
+    model = ttft_gpu.Model(SMALL, torch.device("cpu"))
+    out = ttft_gpu.measure_length(model, 256, 1, progress=lambda _m: None)
     assert out["gpu_outputs_identical_256"] is False
 
 

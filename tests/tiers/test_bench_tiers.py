@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from kvpool.cli.bench_tiers import tiers
+from kvpool.cli.bench.tiers import tiers
 
 
 def test_bench_tiers_reports_figures_baselines_and_ratios(valkey_server, s3_server):

@@ -1,6 +1,6 @@
 """`kvpool bench node`: Client put/get GB/s beside a plain TCP socket and Valkey, same run;
 with `--transport nixl`, over NIXL beside a raw NIXL READ and the TCP data channel
-(bench_node_nixl.py).
+(node_nixl.py).
 
 The get is the connector's path: `Client.get_many_into` receives each value straight into the
 client's pooled, page-aligned receive buffers, released once read, so nothing is allocated per
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import click
 
-from .options import option
+from ..options import option
 
 MiB = 1024 * 1024
 SIZES = {"4m": 4 * MiB, "32m": 32 * MiB}
@@ -95,14 +95,14 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
     from kvpool.cachenode import Client
     from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
 
-    from .bench_tcp import TcpBaselineClient
-    from .local_servers import kvpool_up, valkey_server
+    from ..local_servers import kvpool_up, valkey_server
+    from .tcp import TcpBaselineClient
 
     if malloc_tuning:
         tune_malloc_for_large_buffers()  # only valkey-py allocates what it gets here
     payloads = {name: os.urandom(size) for name, size in SIZES.items()}
     tcp = subprocess.Popen(
-        [sys.executable, "-P", "-m", "kvpool.cli.bench_tcp", str(max(SIZES.values()))],
+        [sys.executable, "-P", "-m", "kvpool.cli.bench.tcp", str(max(SIZES.values()))],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -166,14 +166,14 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
 def _nixl(runs: int, total: int, malloc_tuning: bool, as_json: bool) -> None:
     from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
 
-    from . import bench_node_nixl
+    from . import node_nixl
 
-    reason = bench_node_nixl.available()
+    reason = node_nixl.available()
     if reason:
         raise click.ClickException(f"cannot benchmark NIXL: {reason}")
     if malloc_tuning:
         tune_malloc_for_large_buffers()
-    result = {**bench_node_nixl.run(runs, total, _progress), "malloc_tuning": malloc_tuning}
+    result = {**node_nixl.run(runs, total, _progress), "malloc_tuning": malloc_tuning}
     if not as_json:
         click.echo(
             f"32m over {result['path']}: get {result['get_gbps']:.2f} GB/s "

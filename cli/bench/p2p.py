@@ -19,8 +19,8 @@ import time
 
 import click
 
-from .bench_node import MiB, _progress, _spread
-from .options import option
+from ..options import option
+from .node import MiB, _progress, _spread
 
 SIDES = ("peer", "node", "arena")
 
@@ -82,7 +82,7 @@ def p2p(runs: int, total: int, chunk: int, batch: int, as_json: bool) -> None:
     from kvpool.cachenode.lookup import LookupClient
     from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
 
-    from .local_servers import kvpool_agent, kvpool_up
+    from ..local_servers import kvpool_agent, kvpool_up
 
     tune_malloc_for_large_buffers()  # as `bench node`: the bench allocates each value it reads
     value = os.urandom(chunk * MiB)

@@ -23,8 +23,8 @@ import click
 from kvpool.cachenode.sizes import format_size, parse_size
 from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
 
-from .local_servers import moto_server, valkey_server
-from .node_options import shared_tier_options
+from ..local_servers import moto_server, valkey_server
+from ..node_options import shared_tier_options
 
 GB = 1e9
 

@@ -16,8 +16,8 @@ import time
 
 import click
 
-from .bench_node import MiB, _progress, _spread
-from .options import option
+from ..options import option
+from .node import MiB, _progress, _spread
 
 SIZES = {"4m": 4 * MiB, "32m": 32 * MiB}
 PREFIX_KEYS = 128
@@ -82,7 +82,7 @@ def pool(nodes: int, runs: int, total: int, prefix_calls: int, as_json: bool) ->
     from kvpool.cachenode import Client
     from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
 
-    from .local_servers import kvpool_up
+    from ..local_servers import kvpool_up
 
     tune_malloc_for_large_buffers()  # as `bench node`: the client allocates each value it gets
     payloads = {name: os.urandom(size) for name, size in SIZES.items()}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import click
 
-from .options import option
+from ..options import option
 
 GB = 1e9
 DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn")

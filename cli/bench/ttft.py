@@ -1,6 +1,6 @@
 """`kvpool bench ttft`: TTFT with a warm pool vs the cache off, same engine settings and prompts;
 where a CUDA GPU is present, also DESIGN.md §8's GPU figure for an 8B-shaped model in plain
-PyTorch (bench_ttft_gpu.py)."""
+PyTorch (ttft_gpu.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import click
 
-from .options import option
+from ..options import option
 
 
 def _quiet_vllm() -> None:
@@ -93,8 +93,8 @@ def _gpu_figures(gpu: str, lengths: list[int], repeats: int) -> dict:
         if gpu in ("on", "only"):
             raise click.ClickException(f"--gpu {gpu} needs a CUDA GPU: {reason}")
         return {"gpu": f"not measured: {reason}"}
-    from . import bench_ttft_gpu
+    from . import ttft_gpu
 
-    figures = bench_ttft_gpu.run(lengths, repeats, progress=lambda m: click.echo(m, err=True))
+    figures = ttft_gpu.run(lengths, repeats, progress=lambda m: click.echo(m, err=True))
     torch.cuda.empty_cache()  # the model's weights are gone: leave the memory to vLLM's engine
     return figures

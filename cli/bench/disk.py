@@ -1,6 +1,5 @@
-"""What verification costs on the get path, and how long the L2 index rebuild takes.
-
-Run: python bench/disk_tier.py [--records 100000] [--dir /some/disk]
+"""`kvpool bench disk`: what checksum verification costs on the get path, and how long the L2 index
+rebuild takes.
 
 Prints, for 4 MiB and 32 MiB values:
 - memcpy GB/s (numpy copy: what an L1 get that moves the bytes costs) and xxh3-64 GB/s, and the
@@ -8,27 +7,28 @@ Prints, for 4 MiB and 32 MiB values:
 - disk-tier get GB/s with the page cache warm, with and without checksum verification, and the
   throughput lost to verification;
 and the time to rebuild the disk index of N small records (page cache and dentry cache warm).
+With --json, one JSON line of the same figures instead of the table.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import os
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
 
+import click
 import numpy as np
 import xxhash
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 from kvpool.cachenode.tiers.disk import DiskTier
+
+from ..options import option
 
 MiB = 1024**2
 
@@ -132,37 +132,66 @@ def rebuild(directory: str, records: int) -> dict:
     return {"records": records, "write_s": write_s, "rebuild_s": statistics.median(times)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
-    args = parser.parse_args()
+SIZES = ((4 * MiB, 32), (32 * MiB, 8))  # (value size, values)
+
+
+@click.command("disk")
+@option(
+    "--records",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Small records written for the index rebuild.",
+)
+@option("--dir", "directory", default=None, help="Where to put the files (default: a temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of figures.")
+def disk(records: int, directory: str | None, as_json: bool) -> None:
+    """Disk-tier get GB/s with and without checksum verification beside memcpy, xxh3 and a socket; index rebuild time."""
     logging.basicConfig(level=logging.WARNING)
-    base = tempfile.mkdtemp(prefix="kvpool-bench-", dir=args.dir)
+    base = tempfile.mkdtemp(prefix="kvpool-bench-", dir=directory)
+    result: dict = {"sizes": {}}
     try:
-        print(
-            "value   memcpy  xxh3   cost vs memcpy | socket  cost vs socket get "
-            "| disk get verify / none  cost   (GB/s)"
-        )
-        for size, count in ((4 * MiB, 32), (32 * MiB, 8)):
+        if not as_json:
+            click.echo(
+                "value   memcpy  xxh3   cost vs memcpy | socket  cost vs socket get "
+                "| disk get verify / none  cost   (GB/s)"
+            )
+        for size, count in SIZES:
             mem = memory_path(size, repeat=20)
             sock = socket_gbps(size, repeat=10)
             sock_cost = 100 * (1 / mem["xxh3_gbps"]) / (1 / sock + 1 / mem["xxh3_gbps"])
             disk = disk_path(os.path.join(base, f"get-{size}"), size, count, rounds=5)
-            print(
-                f"{size // MiB:>3} MiB  {mem['memcpy_gbps']:>6.1f}  {mem['xxh3_gbps']:>5.1f}  "
-                f"{mem['cost_pct']:>13.1f}% | {sock:>6.2f}  {sock_cost:>17.1f}% "
-                f"| {disk['get_gbps_verify']:>15.2f} / {disk['get_gbps_no_verify']:<5.2f} {disk['cost_pct']:>5.1f}%"
-            )
+            if not as_json:
+                click.echo(
+                    f"{size // MiB:>3} MiB  {mem['memcpy_gbps']:>6.1f}  {mem['xxh3_gbps']:>5.1f}  "
+                    f"{mem['cost_pct']:>13.1f}% | {sock:>6.2f}  {sock_cost:>17.1f}% "
+                    f"| {disk['get_gbps_verify']:>15.2f} / {disk['get_gbps_no_verify']:<5.2f} {disk['cost_pct']:>5.1f}%"
+                )
+            result["sizes"][f"{size // MiB}MiB"] = {
+                "memcpy_gbps": round(mem["memcpy_gbps"], 3),
+                "xxh3_gbps": round(mem["xxh3_gbps"], 3),
+                "verify_cost_vs_memcpy_pct": round(mem["cost_pct"], 2),
+                "socket_gbps": round(sock, 3),
+                "verify_cost_vs_socket_get_pct": round(sock_cost, 2),
+                "disk_get_gbps_verify": round(disk["get_gbps_verify"], 3),
+                "disk_get_gbps_no_verify": round(disk["get_gbps_no_verify"], 3),
+                "verify_cost_disk_get_pct": round(disk["cost_pct"], 2),
+                "values": count,
+            }
             shutil.rmtree(os.path.join(base, f"get-{size}"))
-        r = rebuild(os.path.join(base, "rebuild"), args.records)
-        print(
-            f"index rebuild: {r['records']} records in {r['rebuild_s']:.3f} s "
-            f"({r['rebuild_s'] / r['records'] * 1e6:.1f} us/record; writing them took {r['write_s']:.1f} s)"
-        )
+        r = rebuild(os.path.join(base, "rebuild"), records)
+        result["rebuild"] = {
+            "records": r["records"],
+            "rebuild_s": round(r["rebuild_s"], 4),
+            "rebuild_us_per_record": round(r["rebuild_s"] / r["records"] * 1e6, 2),
+            "write_s": round(r["write_s"], 3),
+        }
+        if not as_json:
+            click.echo(
+                f"index rebuild: {r['records']} records in {r['rebuild_s']:.3f} s "
+                f"({r['rebuild_s'] / r['records'] * 1e6:.1f} us/record; writing them took {r['write_s']:.1f} s)"
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    main()
+    if as_json:
+        click.echo(json.dumps(result))

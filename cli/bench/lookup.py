@@ -21,7 +21,7 @@ import tracemalloc
 
 import click
 
-from .options import option
+from ..options import option
 
 QUERY_KEYS = 128
 KEY_SIZE = 32
@@ -71,7 +71,7 @@ def lookup(n_keys: int, holders: int, queries: int, runs: int, inflight: int, ba
     from kvpool.cachenode.proto import lookup_pb2 as pb
     from kvpool.cachenode.proto import lookup_pb2_grpc as pb_grpc
 
-    from .local_servers import kvpool_lookup
+    from ..local_servers import kvpool_lookup
 
     allowed = sorted(os.sched_getaffinity(0))
     server = allowed[-1] if server_cpu < 0 else server_cpu
@@ -269,10 +269,10 @@ def _start_noop_server(cpu: int):
 
     import grpc
 
-    from .local_servers import free_port, wait_port
+    from ..local_servers import free_port, wait_port
 
     port = free_port()
-    cmd = [sys.executable, "-P", "-m", "kvpool.cli.bench_lookup", str(port)]
+    cmd = [sys.executable, "-P", "-m", "kvpool.cli.bench.lookup", str(port)]
     proc = subprocess.Popen(cmd, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     wait_port(port, proc=proc)
     return proc, grpc.insecure_channel(f"127.0.0.1:{port}")

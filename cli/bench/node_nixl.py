@@ -43,13 +43,13 @@ def _get_into(client, keys: list[bytes]) -> None:
 def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
     from kvpool.cachenode import Client
 
-    from .bench_nixl_raw import RawNixlReader
-    from .local_servers import kvpool_up
+    from ..local_servers import kvpool_up
+    from .nixl_raw import RawNixlReader
 
     count = max(1, total * MiB // CHUNK)
     moved = count * CHUNK
     raw = subprocess.Popen(
-        [sys.executable, "-P", "-m", "kvpool.cli.bench_nixl_raw", str(CHUNK), str(count)],
+        [sys.executable, "-P", "-m", "kvpool.cli.bench.nixl_raw", str(CHUNK), str(count)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -116,7 +116,7 @@ def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
         "ratio_get_vs_tcp_channel": ("get_gbps", "baseline_tcp_channel_gbps"),
         "ratio_put_vs_tcp_channel": ("put_gbps", "baseline_tcp_channel_put_gbps"),
     }
-    for ratio, (ours, theirs) in pairs.items():  # per run, then the median (see bench_node.py)
+    for ratio, (ours, theirs) in pairs.items():  # per run, then the median (see node.py)
         per_run = [a / b for a, b in zip(samples[ours], samples[theirs], strict=True)]
         result[ratio] = round(statistics.median(per_run), 3)
         result[f"spread_{ratio}"] = _spread(per_run)
