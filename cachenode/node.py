@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .lookup.holders import HolderInfo
     from .lookup.publisher import Publisher
 
-log = logging.getLogger("kvpool.node")
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "kvpool.v1.CacheNode"
 GRPC_MESSAGE_LIMIT = MAX_FRAME_SIZE + 64 * 1024

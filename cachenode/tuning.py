@@ -16,7 +16,7 @@ import ctypes
 import ctypes.util
 import logging
 
-log = logging.getLogger("kvpool")
+log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2

@@ -11,7 +11,7 @@ from .node_options import agent_options, agent_settings_from_options
 from .options import log_level_option, setup_logging
 from .serve import stop_on_signals
 
-log = logging.getLogger("kvpool")
+log = logging.getLogger(__name__)
 
 
 @click.command("agent")

@@ -23,7 +23,7 @@ from .node_options import auth_tls_from_options, auth_tls_options
 from .options import PORT, log_level_option, option, setup_logging
 from .serve import stop_on_signals
 
-log = logging.getLogger("kvpool")
+log = logging.getLogger(__name__)
 
 LOOKUP_OPTIONS = [
     option("--host", default="0.0.0.0", help="Address to bind both ports on."),

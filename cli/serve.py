@@ -13,7 +13,7 @@ import click
 from kvpool.cachenode.node import CacheNode
 from kvpool.cachenode.settings import NodeSettings
 
-log = logging.getLogger("kvpool")
+log = logging.getLogger(__name__)
 
 
 def serve_node(settings: NodeSettings, *, announce: bool, after_url: str = "") -> None:

@@ -28,7 +28,7 @@ from kvpool.cachenode.sizes import format_size
 
 from .local_servers import free_port, wait_port
 
-log = logging.getLogger("kvpool.up")
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0

@@ -28,7 +28,7 @@ from typing import Protocol
 from . import metrics
 from .settings import ConnectorSettings, load_settings
 
-log = logging.getLogger("kvpool")
+log = logging.getLogger(__name__)
 
 
 class Held(Protocol):

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-log = logging.getLogger("kvpool.connector")
+log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "csrc", "torch")
 

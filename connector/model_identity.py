@@ -33,7 +33,7 @@ from pathlib import Path
 
 import blake3
 
-log = logging.getLogger("kvpool")
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 INDEX_SUFFIXES = tuple(s + ".index.json" for s in WEIGHT_SUFFIXES)

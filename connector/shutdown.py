@@ -26,7 +26,7 @@ import threading
 import weakref
 from typing import Protocol
 
-log = logging.getLogger("kvpool")
+log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

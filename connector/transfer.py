@@ -43,7 +43,7 @@ from . import chunkfmt, kvcopy, metrics
 from .backend import Held, SafePool
 from .paged import PagedLayout, kernel_block_ids
 
-log = logging.getLogger("kvpool")
+log = logging.getLogger(__name__)
 
 WINDOW_BYTES = 128 << 20  # host bytes a load receives at once (at least one chunk): several
 # chunks of an 8B model (32 MiB each), so their checksums run in parallel; two windows fit the

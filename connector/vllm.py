@@ -69,13 +69,16 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvpool")
-if not log.handlers and not logging.getLogger().handlers:
+log = logging.getLogger(__name__)
+_package_log = logging.getLogger("kvpool")
+"""Every kvpool module logs under it (`__name__`); given no logging setup, the connector's lines
+reach the engine's stderr through this handler."""
+if not _package_log.handlers and not logging.getLogger().handlers:
     _h = logging.StreamHandler()
     _h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [kvpool] %(message)s", "%m-%d %H:%M:%S"))
-    log.addHandler(_h)
-    log.setLevel(os.environ.get("KVPOOL_LOG_LEVEL", "INFO").upper())
-    log.propagate = False
+    _package_log.addHandler(_h)
+    _package_log.setLevel(os.environ.get("KVPOOL_LOG_LEVEL", "INFO").upper())
+    _package_log.propagate = False
 
 LEASE_REUSE_MARGIN_S = 1.0  # a lookup's lease is reused while it has at least this long to live
 IDLE_WAIT_S = 0.005  # a step with nothing to compute waits this long for a background load to end

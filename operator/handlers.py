@@ -54,7 +54,7 @@ TERMINATING = "namespace terminating"
 """The outcome of a child the API server refused because its namespace is being deleted."""
 POOL = (naming.API_VERSION, naming.KIND)
 
-log = logging.getLogger("kvpool.operator")
+log = logging.getLogger(__name__)
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()

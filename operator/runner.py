@@ -60,7 +60,7 @@ def start_webhook(options: WebhookOptions) -> object:
     ).start()
 
 
-log = logging.getLogger("kvpool.operator")
+log = logging.getLogger(__name__)
 
 
 def operator_settings() -> kopf.OperatorSettings:

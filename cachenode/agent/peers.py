@@ -20,7 +20,7 @@ from ..transport.buffers import BufferPool, PooledBuffer
 from ..transport.connection import ConnectOptions, NodeConnection
 from ..urls import parse_url
 
-log = logging.getLogger("kvpool.agent.peers")
+log = logging.getLogger(__name__)
 
 MAX_LINKS = 64
 BREAKER_RESET_S = 1.0

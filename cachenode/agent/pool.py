@@ -22,7 +22,7 @@ from ..tiers.breaker import CircuitBreaker, State
 from ..transport.buffers import PooledBuffer
 from ..transport.client import Client
 
-log = logging.getLogger("kvpool.agent.pool")
+log = logging.getLogger(__name__)
 
 QUEUE_NAME = "pool"
 BREAKER_FAILURES = 2

@@ -41,7 +41,7 @@ from .peers import PeerLinks
 from .pool import PoolLink
 from .sources import Sources
 
-log = logging.getLogger("kvpool.agent")
+log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.25
 IO_THREADS = 16

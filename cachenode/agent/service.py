@@ -25,7 +25,7 @@ from ..validation import check_keys, check_value_size
 if TYPE_CHECKING:
     from .server import AgentServer
 
-log = logging.getLogger("kvpool.agent.grpc")
+log = logging.getLogger(__name__)
 
 TRANSPORT = "arena"
 

@@ -30,7 +30,7 @@ from ..transport.buffers import PooledBuffer
 from .peers import PeerLinks, PeerSkipped
 from .pool import PoolLink
 
-log = logging.getLogger("kvpool.agent.sources")
+log = logging.getLogger(__name__)
 
 PEER_ROUNDS = 2  # a key's first holder, then its next one
 MAX_POOL_CALLS = 4  # alternations of peer runs and pool runs in one count

@@ -32,7 +32,7 @@ from . import metrics, wire
 from .client import open_channel
 from .holders import HolderInfo
 
-log = logging.getLogger("kvpool.lookup.publisher")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 16384
 DEFAULT_MAX_PENDING = 1_000_000

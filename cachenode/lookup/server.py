@@ -23,7 +23,7 @@ from .index import LookupIndex, scores
 from .service import LookupService, check_scores_request
 from .settings import LookupSettings
 
-log = logging.getLogger("kvpool.lookup")
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "kvpool.v1.Lookup"
 GRPC_WORKERS = 8

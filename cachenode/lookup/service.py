@@ -21,7 +21,7 @@ from .holders import HolderInfo, Status, Verdict
 from .index import HolderLimit, LookupIndex, scores
 from .settings import MAX_TOKENS_PER_KEY, LookupSettings
 
-log = logging.getLogger("kvpool.lookup")
+log = logging.getLogger(__name__)
 
 _STATUS = {
     Status.OK: pb.LookupPublishResponse.OK,

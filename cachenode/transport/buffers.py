@@ -18,7 +18,7 @@ import time
 
 from ..tiers.arena import Arena
 
-log = logging.getLogger("kvpool.buffers")
+log = logging.getLogger(__name__)
 
 _default_device: int | None = None  # see set_default_device
 

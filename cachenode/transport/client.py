@@ -50,7 +50,7 @@ from .connection import (
 from .nixl_client import NixlRequired
 from .placement import Placement
 
-log = logging.getLogger("kvpool.client")
+log = logging.getLogger(__name__)
 
 DEFAULT_REFRESH_S = 5.0
 DEFAULT_HANDOFF_WINDOW_S = 300.0

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..tiers.store import TieredStore
     from .tls import ServerTLS
 
-log = logging.getLogger("kvpool.node.data")
+log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 300.0
 TRANSFER_TIMEOUT_S = 30.0

@@ -30,7 +30,7 @@ from .connection import ConnectOptions, NodeConnection, NodeLeaving
 from .members import MemberInfo
 from .placement import Placement
 
-log = logging.getLogger("kvpool.node.handoff")
+log = logging.getLogger(__name__)
 
 BATCH_BYTES = 32 * 1024 * 1024
 BATCH_KEYS = 64

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from .auth import bearer_ok
 from .tls import ServerTLS
 
-log = logging.getLogger("kvpool.node.http")
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 

@@ -31,7 +31,7 @@ from ..tiers.record import checksum
 from .buffers import BufferPool, PooledBuffer
 from .nixl_common import MEM_TYPE, Agent, NixlUnavailable, has_rdma, locality, release_message
 
-log = logging.getLogger("kvpool.client.nixl")
+log = logging.getLogger(__name__)
 
 SETUP_JOIN_S = 30.0  # how long close() waits for a background setup to finish
 LEASE_USE = 0.5  # a transfer must finish within this share of the lease's TTL

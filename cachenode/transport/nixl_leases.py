@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from ..tiers.arena_memory import ArenaBuffer
     from ..tiers.store import TieredStore
 
-log = logging.getLogger("kvpool.node.leases")
+log = logging.getLogger(__name__)
 
 GET = "get"
 PUT = "put"

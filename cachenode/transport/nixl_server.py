@@ -30,7 +30,7 @@ from .nixl_leases import LeaseGone, TransferLeases
 if TYPE_CHECKING:
     from ..tiers.store import TieredStore
 
-log = logging.getLogger("kvpool.node.nixl")
+log = logging.getLogger(__name__)
 
 POLL_ACTIVE_S = 0.001  # polling (UCX progress, notifications) while leases are out
 SWEEP_INTERVAL_S = 0.25

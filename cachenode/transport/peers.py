@@ -32,7 +32,7 @@ from ..urls import parse_peers
 from . import members as ms
 from .connection import ConnectOptions, NodeConnection
 
-log = logging.getLogger("kvpool.node.peers")
+log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0

@@ -22,7 +22,7 @@ from .grpcframes import split_into_frames
 if TYPE_CHECKING:
     from ..node import CacheNode
 
-log = logging.getLogger("kvpool.node.grpc")
+log = logging.getLogger(__name__)
 
 
 class CacheNodeService(pb_grpc.CacheNodeServicer):

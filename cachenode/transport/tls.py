@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("kvpool.tls")
+log = logging.getLogger(__name__)
 
 RELOAD_CHECK_S = 1.0
 """How often, at most, new connections look at the certificate files (a stat of each)."""

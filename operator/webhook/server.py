@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 from . import certs, patch
 
 PATH = "/mutate-pods"
-log = logging.getLogger("kvpool.operator.webhook")
+log = logging.getLogger(__name__)
 
 ADMISSIONS = Counter(
     "kvpool_webhook_admissions", "Pods the webhook admitted, by outcome", ["outcome"]

@@ -93,7 +93,9 @@ def _queue_three_jobs(saver: Saver) -> None:
 
 def _kvpool_lines(caplog) -> list[str]:
     return [
-        r.getMessage() for r in caplog.records if r.name == "kvpool" and "saves flushed" in r.getMessage()
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("kvpool") and "saves flushed" in r.getMessage()
     ]
 
 
