@@ -1,7 +1,7 @@
 """The children of a pool, one builder per kind; the parts they share live in `common`.
 
-`desired` renders what a pool should have, `unwanted` what its spec switched off, `all_names`
-everything deleting a pool removes, and `check` refuses settings a node would refuse. Pure.
+`desired` renders what a pool should have, `unwanted` what its spec switched off, and `check`
+refuses settings a node would refuse (deleting a pool is the garbage collector's work). Pure.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..settings import InvalidSpec, PoolSettings
 from . import configmap, lookup, networkpolicy, pdb, servicemonitor, services, statefulset
 from .common import SERVICE_MONITOR_API_VERSION, config_hash, endpoints
 
-__all__ = ["KINDS", "all_names", "check", "desired", "endpoints", "unwanted"]
+__all__ = ["KINDS", "check", "desired", "endpoints", "unwanted"]
 
 # (apiVersion, kind) of every kind the operator may create; the order is the creation order.
 KINDS: tuple[tuple[str, str], ...] = (
@@ -57,22 +57,6 @@ def check(s: PoolSettings) -> None:
         registry.check_node_env(env)
     except ValueError as exc:
         raise InvalidSpec(f"a cache node would refuse these settings: {exc}") from None
-
-
-def all_names(pool: str) -> list[tuple[str, str, str]]:
-    """(apiVersion, kind, name) of every child a pool can have: what deleting a pool removes."""
-    sts = naming.statefulset_name(pool)
-    return [
-        ("v1", "ConfigMap", naming.configmap_name(pool)),
-        ("v1", "Service", naming.headless_service_name(pool)),
-        ("v1", "Service", naming.client_service_name(pool)),
-        ("v1", "Service", naming.lookup_name(pool)),
-        ("apps/v1", "StatefulSet", sts),
-        ("apps/v1", "Deployment", naming.lookup_name(pool)),
-        ("policy/v1", "PodDisruptionBudget", sts),
-        ("networking.k8s.io/v1", "NetworkPolicy", sts),
-        (SERVICE_MONITOR_API_VERSION, "ServiceMonitor", sts),
-    ]
 
 
 def unwanted(s: PoolSettings) -> list[tuple[str, str, str]]:
