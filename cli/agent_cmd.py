@@ -1,4 +1,4 @@
-"""`kvpool agent`: the vLLM pod's sidecar (cachenode/agent/, docs/agent.md)."""
+"""`kvpool agent`: the vLLM pod's sidecar (cachenode/server/agent/, docs/agent.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def agent(log_level: str, **params) -> None:
 
     Prints its grpc:// URL on the first line of stdout once it serves.
     """
-    from kvpool.cachenode.agent import AgentServer
+    from kvpool.cachenode.server.agent.server import AgentServer
 
     settings = agent_settings_from_options(params)
     setup_logging(log_level)

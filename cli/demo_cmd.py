@@ -58,8 +58,8 @@ def demo(model: str | None, doc_tokens: int, verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("KVPOOL_LOG_LEVEL", "WARNING")
-    from kvpool.connector import ttft as T
-    from kvpool.connector.tinymodel import ensure_tiny_model
+    from kvpool.cli.devtools import ttft as T
+    from kvpool.cli.devtools.tinymodel import ensure_tiny_model
 
     click.echo("kvpool demo: a vLLM engine reusing KV cache through an embedded kvpool pool", err=True)
     with _Progress("preparing the model" if model else "generating a tiny Llama (first run only)"):

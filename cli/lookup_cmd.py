@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import click
 
-from kvpool.cachenode.lookup.settings import (
+from kvpool.cachenode.server.lookup.settings import (
     DEFAULT_HOLDER_LEASE_S,
     DEFAULT_HTTP_PORT,
     DEFAULT_MAX_BATCH_EVENTS,
@@ -112,7 +112,7 @@ def lookup(log_level: str, **params) -> None:
 
     Prints its grpc:// URL on the first line of stdout.
     """
-    from kvpool.cachenode.lookup.server import LookupServer
+    from kvpool.cachenode.server.lookup.server import LookupServer
 
     settings = settings_from_options(params)
     setup_logging(log_level)

@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from kvpool.cachenode import settings as registry
-from kvpool.cachenode.settings import AgentSettings, NodeSettings, Setting
-from kvpool.cachenode.transport.auth import load_token
-from kvpool.cachenode.transport.tls import ServerTLS, load_server_tls
+from kvpool.cachenode.core import settings as registry
+from kvpool.cachenode.core.settings import AgentSettings, NodeSettings, Setting
+from kvpool.cachenode.rpc.auth import load_token
+from kvpool.cachenode.rpc.tls import ServerTLS, load_server_tls
 
 
 class SettingType(click.ParamType):

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from kvpool.cachenode.sizes import parse_size
+from kvpool.cachenode.core.sizes import parse_size
 
 
 class SizeType(click.ParamType):

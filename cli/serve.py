@@ -10,8 +10,8 @@ import threading
 
 import click
 
-from kvpool.cachenode.node import CacheNode
-from kvpool.cachenode.settings import NodeSettings
+from kvpool.cachenode.core.settings import NodeSettings
+from kvpool.cachenode.server.node import CacheNode
 
 log = logging.getLogger(__name__)
 

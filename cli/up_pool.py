@@ -23,10 +23,9 @@ from pathlib import Path
 import click
 
 from kvpool.cachenode import Client, KVPoolError
-from kvpool.cachenode.settings import NodeSettings
-from kvpool.cachenode.sizes import format_size
-
-from .local_servers import free_port, wait_port
+from kvpool.cachenode.core.settings import NodeSettings
+from kvpool.cachenode.core.sizes import format_size
+from kvpool.cli.devtools.local_servers import free_port, wait_port
 
 log = logging.getLogger(__name__)
 

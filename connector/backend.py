@@ -73,7 +73,7 @@ class EmbeddedPool:
     restarts. Shared by the scheduler-side and worker-side connectors of one process."""
 
     def __init__(self, memory_bytes: int, disk_dir: str | None = None, disk_bytes: int = 0) -> None:
-        from kvpool.cachenode.tiers.store import TieredStore
+        from kvpool.cachenode.server.tiers.store import TieredStore
 
         self._store = TieredStore(memory_bytes, disk_dir=disk_dir, disk_bytes=disk_bytes).start()
         self.name = "embedded pool" + (f" (disk {disk_dir})" if disk_dir else "")
@@ -114,7 +114,7 @@ def bearer_token(s: ConnectorSettings) -> str | None:
     (ValueError when that file cannot be read or is empty)."""
     if s.auth_token or not s.auth_token_file:
         return s.auth_token
-    from kvpool.cachenode.transport.auth import load_token
+    from kvpool.cachenode.rpc.auth import load_token
 
     return load_token(s.auth_token_file)
 
@@ -196,8 +196,8 @@ class UrlPool:
         return self._chosen
 
     def _choose(self) -> Pool:
-        from kvpool.cachenode.agent.client import AgentClient, NotInThisPod, hello
-        from kvpool.cachenode.urls import parse_urls
+        from kvpool.cachenode.client.agent import AgentClient, NotInThisPod, hello
+        from kvpool.cachenode.core.urls import parse_urls
 
         if (
             len(parse_urls(self._url)[0]) == 1
@@ -488,8 +488,8 @@ class LocalNodePool(EmbeddedPool):
     def __init__(self, memory_bytes: int, disk_dir: str | None, disk_bytes: int, rendezvous: str) -> None:
         from pathlib import Path
 
-        from kvpool.cachenode.node import CacheNode
-        from kvpool.cachenode.settings import NodeSettings
+        from kvpool.cachenode.core.settings import NodeSettings
+        from kvpool.cachenode.server.node import CacheNode
 
         ns = NodeSettings(
             host="127.0.0.1", port=0, http_port=0, data_port=0, memory=memory_bytes,

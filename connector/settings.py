@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpool.cachenode.sizes import parse_size
+from kvpool.cachenode.core.sizes import parse_size
 
 
 def _bool(v: Any) -> bool:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpool.cachenode.transport.buffers import BufferPool, PooledBuffer, set_default_device
+from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer, set_default_device
 
 from . import chunkfmt, kvcopy, metrics
 from .backend import Held, SafePool

@@ -15,7 +15,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from kvpool.cachenode import settings as registry
+from kvpool.cachenode.core import settings as registry
 
 from . import naming, sizing
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpool.connector.ttft import same_cpu_threads
+from kvpool.cli.devtools.ttft import same_cpu_threads
 
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
@@ -34,7 +34,7 @@ os.environ.setdefault(
 )
 
 # Parallel workers (scripts/test.sh) pick server ports from their own band below the kernel's
-# ephemeral range (32768+), inherited by every process they start: see cli/local_servers.free_port.
+# ephemeral range (32768+), inherited by every process they start: see cli/devtools/local_servers.free_port.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _WORKER.startswith("gw") and _WORKER[2:].isdigit():
     _BAND = 2000

@@ -26,7 +26,7 @@ import click
 import numpy as np
 import xxhash
 
-from kvpool.cachenode.tiers.disk import DiskTier
+from kvpool.cachenode.server.tiers.disk import DiskTier
 
 from ..options import option
 

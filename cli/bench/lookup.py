@@ -67,11 +67,10 @@ def lookup(n_keys: int, holders: int, queries: int, runs: int, inflight: int, ba
     """Lookup keys/s, p50/p99, ingest events/s and bytes per entry, vs a plain dict walk."""
     import grpc
 
-    from kvpool.cachenode.lookup.client import LookupClient
-    from kvpool.cachenode.proto import lookup_pb2 as pb
-    from kvpool.cachenode.proto import lookup_pb2_grpc as pb_grpc
-
-    from ..local_servers import kvpool_lookup
+    from kvpool.cachenode.client.lookup import LookupClient
+    from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
+    from kvpool.cachenode.rpc.proto import lookup_pb2_grpc as pb_grpc
+    from kvpool.cli.devtools.local_servers import kvpool_lookup
 
     allowed = sorted(os.sched_getaffinity(0))
     server = allowed[-1] if server_cpu < 0 else server_cpu
@@ -269,7 +268,7 @@ def _start_noop_server(cpu: int):
 
     import grpc
 
-    from ..local_servers import free_port, wait_port
+    from kvpool.cli.devtools.local_servers import free_port, wait_port
 
     port = free_port()
     cmd = [sys.executable, "-P", "-m", "kvpool.cli.bench.lookup", str(port)]
@@ -284,7 +283,7 @@ def serve_noop(port: int) -> None:
 
     import grpc
 
-    from kvpool.cachenode.lookup.server import GRPC_WORKERS
+    from kvpool.cachenode.server.lookup.server import GRPC_WORKERS
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS))
     locate = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")  # raw bytes in and out

@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-from kvpool.cachenode.tiers.arena import Region
-from kvpool.cachenode.transport.nixl_common import MEM_TYPE, Agent
+from kvpool.cachenode.client.arena import Region
+from kvpool.cachenode.client.nixl_common import MEM_TYPE, Agent
 
 
 def serve(size: int, count: int) -> None:

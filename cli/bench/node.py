@@ -93,9 +93,9 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
     import valkey
 
     from kvpool.cachenode import Client
-    from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
+    from kvpool.cachenode.core.tuning import tune_malloc_for_large_buffers
+    from kvpool.cli.devtools.local_servers import kvpool_up, valkey_server
 
-    from ..local_servers import kvpool_up, valkey_server
     from .tcp import TcpBaselineClient
 
     if malloc_tuning:
@@ -164,7 +164,7 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
 
 
 def _nixl(runs: int, total: int, malloc_tuning: bool, as_json: bool) -> None:
-    from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
+    from kvpool.cachenode.core.tuning import tune_malloc_for_large_buffers
 
     from . import node_nixl
 

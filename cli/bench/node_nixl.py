@@ -42,8 +42,8 @@ def _get_into(client, keys: list[bytes]) -> None:
 
 def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
     from kvpool.cachenode import Client
+    from kvpool.cli.devtools.local_servers import kvpool_up
 
-    from ..local_servers import kvpool_up
     from .nixl_raw import RawNixlReader
 
     count = max(1, total * MiB // CHUNK)
@@ -129,7 +129,7 @@ def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
 
 def available() -> str | None:
     """Why NIXL cannot be benchmarked here, or None."""
-    from kvpool.cachenode.transport.nixl_common import NixlUnavailable, load_nixl
+    from kvpool.cachenode.client.nixl_common import NixlUnavailable, load_nixl
 
     try:
         load_nixl()

@@ -78,11 +78,10 @@ def _one_run(a, b, node, lookup, run: int, value: bytes, count: int, batch: int)
 def p2p(runs: int, total: int, chunk: int, batch: int, as_json: bool) -> None:
     """Agent-to-agent fetch GB/s beside a fetch of the same chunks from a cache node."""
     from kvpool.cachenode import Client
-    from kvpool.cachenode.agent.client import AgentClient
-    from kvpool.cachenode.lookup import LookupClient
-    from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
-
-    from ..local_servers import kvpool_agent, kvpool_up
+    from kvpool.cachenode.client.agent import AgentClient
+    from kvpool.cachenode.client.lookup import LookupClient
+    from kvpool.cachenode.core.tuning import tune_malloc_for_large_buffers
+    from kvpool.cli.devtools.local_servers import kvpool_agent, kvpool_up
 
     tune_malloc_for_large_buffers()  # as `bench node`: the bench allocates each value it reads
     value = os.urandom(chunk * MiB)

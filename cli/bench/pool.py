@@ -80,9 +80,8 @@ def _prefix_latency(sides: dict, keys: list[bytes], calls: int) -> dict[str, flo
 def pool(nodes: int, runs: int, total: int, prefix_calls: int, as_json: bool) -> None:
     """Pool get/put GB/s and 128-key prefix_hits latency beside one node reached directly."""
     from kvpool.cachenode import Client
-    from kvpool.cachenode.tuning import tune_malloc_for_large_buffers
-
-    from ..local_servers import kvpool_up
+    from kvpool.cachenode.core.tuning import tune_malloc_for_large_buffers
+    from kvpool.cli.devtools.local_servers import kvpool_up
 
     tune_malloc_for_large_buffers()  # as `bench node`: the client allocates each value it gets
     payloads = {name: os.urandom(size) for name, size in SIZES.items()}

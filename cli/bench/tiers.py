@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 
 import click
 
-from kvpool.cachenode.sizes import format_size, parse_size
-from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
+from kvpool.cachenode.core.sizes import format_size, parse_size
+from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
+from kvpool.cli.devtools.local_servers import moto_server, valkey_server
 
-from ..local_servers import moto_server, valkey_server
 from ..node_options import shared_tier_options
 
 GB = 1e9
@@ -164,7 +164,7 @@ def _bench_tier(name: str, cfg: SharedTiersConfig, sizes, per_round, rounds, log
     if name == "redis":
         import valkey
 
-        from kvpool.cachenode.tiers.redis import RedisTier
+        from kvpool.cachenode.server.tiers.redis import RedisTier
 
         tier = RedisTier(cfg.redis, cfg.policy)
         r = cfg.redis
@@ -177,7 +177,7 @@ def _bench_tier(name: str, cfg: SharedTiersConfig, sizes, per_round, rounds, log
             "valkey",
         )
     else:
-        from kvpool.cachenode.tiers.s3 import S3Tier, make_client
+        from kvpool.cachenode.server.tiers.s3 import S3Tier, make_client
 
         tier = S3Tier(cfg.s3, cfg.policy)
         client = make_client(cfg.s3)  # same botocore settings: the difference measured is the layout

@@ -44,8 +44,8 @@ def ttft(model: str | None, lengths: str, repeats: int, gpu: str, gpu_lengths: s
         out.update(_gpu_figures(gpu, gpu_ns, repeats))
     if gpu != "only":
         _quiet_vllm()
-        from kvpool.connector.tinymodel import ensure_tiny_model
-        from kvpool.connector.ttft import run_ttft_bench
+        from kvpool.cli.devtools.tinymodel import ensure_tiny_model
+        from kvpool.cli.devtools.ttft import run_ttft_bench
 
         path = model or str(ensure_tiny_model())
         result = run_ttft_bench(path, ns, repeats=repeats, progress=lambda m: click.echo(m, err=True))

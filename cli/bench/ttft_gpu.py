@@ -169,7 +169,7 @@ class HostChunks:
     name = "host memory"
 
     def __init__(self, total_bytes: int) -> None:
-        from kvpool.cachenode.transport.buffers import BufferPool
+        from kvpool.cachenode.client.buffers import BufferPool
 
         self.buffers = BufferPool(total_bytes + (1 << 20))
         self.values: dict[bytes, object] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvpool.cachenode import settings as registry
+from kvpool.cachenode.core import settings as registry
 
 from .. import naming
 from ..settings import InvalidSpec, PoolSettings

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from kvpool.cachenode import settings as registry
+from kvpool.cachenode.core import settings as registry
 
 from .. import naming
 from ..settings import PoolSettings, SecretKey

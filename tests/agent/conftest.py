@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from kvpool.cachenode.agent.client import AgentClient
-from kvpool.cachenode.lookup import LookupClient
-from kvpool.cli.local_servers import free_port, kvpool_lookup, wait_port
+from kvpool.cachenode.client.agent import AgentClient
+from kvpool.cachenode.client.lookup import LookupClient
+from kvpool.cli.devtools.local_servers import free_port, kvpool_lookup, wait_port
 
 KVPOOL = [sys.executable, "-P", "-m", "kvpool.cli.main"]
 

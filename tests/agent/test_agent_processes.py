@@ -14,8 +14,8 @@ import textwrap
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.lookup import LookupClient
-from kvpool.cli.local_servers import kvpool_lookup
+from kvpool.cachenode.client.lookup import LookupClient
+from kvpool.cli.devtools.local_servers import kvpool_lookup
 
 from .conftest import agent_stats, dump, holders, wait_until
 
@@ -67,7 +67,7 @@ def test_peers_only_no_cache_nodes_and_the_arena_outlives_its_writer(cluster, lo
     script = tmp_path / "writer.py"
     script.write_text(
         textwrap.dedent(f"""
-        from kvpool.cachenode.agent.client import AgentClient
+        from kvpool.cachenode.client.agent import AgentClient
         data = {{bytes.fromhex(k): bytes.fromhex(v) for k, v in { ({k.hex(): v.hex() for k, v in data.items()})!r}.items()}}
         with AgentClient({a.url!r}) as client:
             assert client.put_many(data) == len(data)

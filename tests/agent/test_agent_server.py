@@ -11,15 +11,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvpool.cachenode import settings as registry
-from kvpool.cachenode.agent import AgentServer
-from kvpool.cachenode.agent.arena_file import ArenaBusy, arena_path
-from kvpool.cachenode.agent.client import AgentClient
-from kvpool.cachenode.lookup.client import open_channel
-from kvpool.cachenode.proto import agent_pb2 as pb
-from kvpool.cachenode.proto import agent_pb2_grpc as pb_grpc
-from kvpool.cachenode.tiers.record import checksum
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cachenode.client.agent import AgentClient
+from kvpool.cachenode.client.arena_file import ArenaBusy, arena_path
+from kvpool.cachenode.client.lookup import open_channel
+from kvpool.cachenode.core import settings as registry
+from kvpool.cachenode.core.record import checksum
+from kvpool.cachenode.rpc.proto import agent_pb2 as pb
+from kvpool.cachenode.rpc.proto import agent_pb2_grpc as pb_grpc
+from kvpool.cachenode.server.agent.server import AgentServer
+from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector.backend import open_pool
 
 from .conftest import wait_until

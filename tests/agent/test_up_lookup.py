@@ -7,8 +7,8 @@ import os
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.lookup import LookupClient
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cachenode.client.lookup import LookupClient
+from kvpool.cli.devtools.local_servers import kvpool_up
 
 from .conftest import wait_until
 

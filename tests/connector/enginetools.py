@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvpool.cachenode import Client
-from kvpool.cli.local_servers import free_port
+from kvpool.cli.devtools.local_servers import free_port
 from kvpool.connector import chunkfmt
 from kvpool.connector.keys import ModelFingerprint
 
@@ -32,7 +32,7 @@ def ids(n: int, seed: int) -> list[int]:
 def tiny_model(default_dir: Path) -> str:
     """The tiny generated model the engine tests run: in KVPOOL_TINY_MODEL_DIR when set (shared
     between runs), else made in ``default_dir``."""
-    from kvpool.connector.tinymodel import ensure_tiny_model
+    from kvpool.cli.devtools.tinymodel import ensure_tiny_model
 
     return str(ensure_tiny_model(os.environ.get("KVPOOL_TINY_MODEL_DIR") or default_dir))
 

@@ -24,10 +24,10 @@ from concurrent import futures
 import grpc
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.proto import kvpool_pb2 as pb
-from kvpool.cachenode.proto import kvpool_pb2_grpc as pb_grpc
-from kvpool.cachenode.settings import MAX_FRAME_SIZE
-from kvpool.cachenode.transport.grpcframes import split_into_frames
+from kvpool.cachenode.core.settings import MAX_FRAME_SIZE
+from kvpool.cachenode.rpc.grpcframes import split_into_frames
+from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
+from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
 
 
 class FaultProxy(pb_grpc.CacheNodeServicer):

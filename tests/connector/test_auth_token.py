@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvpool.cachenode import Unauthenticated
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector.backend import bearer_token, open_pool
 from kvpool.connector.settings import load_settings
 

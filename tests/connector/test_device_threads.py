@@ -15,8 +15,8 @@ import threading
 import pytest
 import torch
 
-from kvpool.cachenode.transport import buffers
-from kvpool.cachenode.transport.buffers import BufferPool
+from kvpool.cachenode.client import buffers
+from kvpool.cachenode.client.buffers import BufferPool
 from kvpool.connector import chunkfmt, transfer
 from kvpool.connector.paged import LAYOUTS
 from kvpool.connector.transfer import Loader, LoadJob, PagedCache, Saver

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.tiers.disk import DiskTier
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cachenode.server.tiers.disk import DiskTier
+from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector import chunkfmt
 from kvpool.connector.keys import chunk_keys
 

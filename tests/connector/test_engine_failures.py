@@ -31,8 +31,8 @@ import struct
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.tiers.disk import DiskTier
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cachenode.server.tiers.disk import DiskTier
+from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector import chunkfmt
 from kvpool.connector.keys import chunk_keys
 

@@ -4,7 +4,7 @@ Two engines (both with LoRA and prompt embeddings enabled) and one `kvpool up`: 
 connector and gives the reference outputs; ``on`` runs the same requests through the pool. Every
 request generates 32 tokens, compared token for token. Chunks are 64 tokens, blocks 32.
 
-The adapters change k_proj and v_proj (connector/tinymodel.py): the same text has other KV under
+The adapters change k_proj and v_proj (cli/devtools/tinymodel.py): the same text has other KV under
 each adapter, which is what the chunk keys must tell apart. The negative controls plant the KV a
 connector that ignored the adapter (or the embeddings) would have loaded, and show that it changes
 the answer — so the equality checks can fail.
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kvpool.cachenode import Client
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector.keys import adapter_identity, chunk_keys
 from kvpool.connector.request_keys import AdapterDigests, key_inputs
 
@@ -52,7 +52,7 @@ def _embeds_keys(fp, embeds: torch.Tensor) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kvpool.connector.tinymodel import ensure_tiny_lora
+    from kvpool.cli.devtools.tinymodel import ensure_tiny_lora
 
     tmp = tmp_path_factory.mktemp("features")
     model = tiny_model(tmp / "tiny-llama")

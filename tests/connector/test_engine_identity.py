@@ -3,7 +3,7 @@ chunks an engine may load.
 
 One runner process, four engines in turn, an embedded pool whose disk dir they share (prefix
 caching off, so every cached token came from the pool). Chunks are 64 tokens, blocks 32; every
-request generates 32 tokens. The tiny model exists with two seeds (connector/tinymodel.py): W0 and
+request generates 32 tokens. The tiny model exists with two seeds (cli/devtools/tinymodel.py): W0 and
 W1, same shapes, other weights.
 
 Engines:  off  — no connector, W1: the cache-off reference outputs of W1.
@@ -34,7 +34,7 @@ _WEIGHTS_LINE = re.compile(r"kvpool: weights of (\S+): (\S+) \(([^)]*)\)")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kvpool.connector.tinymodel import ensure_tiny_model
+    from kvpool.cli.devtools.tinymodel import ensure_tiny_model
 
     tmp = tmp_path_factory.mktemp("identity")
     w1 = ensure_tiny_model(tmp / "w1", seed=1)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector.keys import chunk_keys
 
 from .enginetools import fault_proxy, fingerprints, finish, ids, run, tiny_model, wait_for

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
+from kvpool.cli.devtools.ttft import miss_overhead_ms
 from kvpool.connector.backend import rendezvous_path
-from kvpool.connector.ttft import miss_overhead_ms
 
 
 def test_miss_overhead_is_measured_against_a_pool_in_another_process_and_cleans_up():

@@ -11,9 +11,9 @@ from vllm.lora.request import LoRARequest
 from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 from vllm.v1.request import Request
 
+from kvpool.cli.devtools.tinymodel import ensure_tiny_lora
 from kvpool.connector.keys import ModelFingerprint, chunk_keys
 from kvpool.connector.request_keys import AdapterDigests, key_inputs
-from kvpool.connector.tinymodel import ensure_tiny_lora
 
 C = 64
 FP = ModelFingerprint(

@@ -50,7 +50,7 @@ def config(tmp_path_factory):
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
-    from kvpool.connector.tinymodel import ensure_tiny_model
+    from kvpool.cli.devtools.tinymodel import ensure_tiny_model
 
     model = str(ensure_tiny_model(tmp_path_factory.mktemp("m") / "tiny-llama"))
 

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from kvpool.cli.local_servers import free_port
+from kvpool.cli.devtools.local_servers import free_port
 
 from .enginetools import tiny_model
 
@@ -39,7 +39,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_vllm_serve_metrics_show_connector_counters(tmp_path):
-    from kvpool.connector.tinymodel import corpus
+    from kvpool.cli.devtools.tinymodel import corpus
 
     model = tiny_model(tmp_path / "tiny")
     port = free_port()

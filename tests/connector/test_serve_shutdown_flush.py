@@ -31,7 +31,7 @@ import urllib.request
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cli.local_servers import free_port, kvpool_up
+from kvpool.cli.devtools.local_servers import free_port, kvpool_up
 
 from .enginetools import tiny_model
 
@@ -90,7 +90,7 @@ def _stop(proc: subprocess.Popen, sig: int) -> int:
 
 
 def test_ctrl_c_right_after_an_answer_leaves_its_chunks_in_the_pool(tmp_path):
-    from kvpool.connector.tinymodel import corpus
+    from kvpool.cli.devtools.tinymodel import corpus
 
     model = tiny_model(tmp_path / "tiny")
     prompt = corpus(600)

@@ -3,7 +3,7 @@
 Needs a CUDA GPU and vLLM's CUDA wheel (`scripts/install.sh cuda`). Collected everywhere; skipped
 without them, failed instead under KVPOOL_REQUIRE_CUDA=1 (tests/conftest.py). No GPU has run it yet.
 
-The model is the tiny random Llama of connector/tinymodel.py, generated here (nothing downloads).
+The model is the tiny random Llama of cli/devtools/tinymodel.py, generated here (nothing downloads).
 Every engine runs with vLLM's defaults for a GPU — its default attention backend and block size,
 CUDA graphs on (no enforce_eager) — and prefix caching off, so that a cached token can only have
 come from the pool. Chunks are 256 tokens (a multiple of any block size vLLM picks on a GPU); each
@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from kvpool.cachenode import Client
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector import chunkfmt
 from kvpool.connector.keys import chunk_keys
 

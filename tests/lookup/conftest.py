@@ -11,8 +11,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvpool.cli import local_servers
-from kvpool.cli.local_servers import kvpool_lookup
+from kvpool.cli.devtools import local_servers
+from kvpool.cli.devtools.local_servers import kvpool_lookup
 
 HOLDER_SCRIPT = Path(__file__).with_name("holder_process.py")
 

@@ -11,7 +11,8 @@ import json
 import sys
 import threading
 
-from kvpool.cachenode.lookup import HolderInfo, Publisher
+from kvpool.cachenode.client.publisher import Publisher
+from kvpool.cachenode.core.holders import HolderInfo
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from kvpool.cachenode.lookup import HolderInfo, Publisher
+from kvpool.cachenode.client.publisher import Publisher
+from kvpool.cachenode.core.holders import HolderInfo
 
 from .conftest import run_lookup
 

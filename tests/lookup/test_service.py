@@ -12,9 +12,11 @@ import grpc
 import pytest
 
 from kvpool.cachenode import Unavailable
-from kvpool.cachenode.lookup import HolderInfo, LookupClient, Publisher, holders_of
-from kvpool.cachenode.proto import lookup_pb2 as pb
-from kvpool.cachenode.proto import lookup_pb2_grpc as pb_grpc
+from kvpool.cachenode.client.lookup import LookupClient, holders_of
+from kvpool.cachenode.client.publisher import Publisher
+from kvpool.cachenode.core.holders import HolderInfo
+from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
+from kvpool.cachenode.rpc.proto import lookup_pb2_grpc as pb_grpc
 
 from .conftest import HolderProcess, LookupProcess, run_lookup
 

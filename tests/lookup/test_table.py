@@ -7,9 +7,9 @@ import random
 
 import numpy as np
 
-from kvpool.cachenode.lookup import table as table_module
-from kvpool.cachenode.lookup.fingerprint import LIVE_BIT, fingerprints
-from kvpool.cachenode.lookup.table import FingerprintTable
+from kvpool.cachenode.core.fingerprint import LIVE_BIT, fingerprints
+from kvpool.cachenode.server.lookup import table as table_module
+from kvpool.cachenode.server.lookup.table import FingerprintTable
 
 
 def _fp(keys: list[bytes]) -> np.ndarray:

@@ -10,7 +10,9 @@ import urllib.request
 import pytest
 
 from kvpool.cachenode import Unavailable
-from kvpool.cachenode.lookup import HolderInfo, LookupClient, Publisher
+from kvpool.cachenode.client.lookup import LookupClient
+from kvpool.cachenode.client.publisher import Publisher
+from kvpool.cachenode.core.holders import HolderInfo
 
 from .conftest import run_lookup
 

@@ -7,7 +7,7 @@ import sys
 import time
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.proto import nixl_pb2 as pb
+from kvpool.cachenode.rpc.proto import nixl_pb2 as pb
 
 SIZES = [1, 4095, 4096, 65_537, 1 << 20, 3 * (1 << 20) + 5, 8 << 20]
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.transport.nixl_common import NixlUnavailable, load_nixl
-from kvpool.cli.local_servers import free_port, kvpool_up
+from kvpool.cachenode.client.nixl_common import NixlUnavailable, load_nixl
+from kvpool.cli.devtools.local_servers import free_port, kvpool_up
 
 LEASE_TTL_S = 5.0
 

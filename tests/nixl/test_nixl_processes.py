@@ -15,13 +15,13 @@ import grpc
 import pytest
 
 from kvpool.cachenode import Client, InvalidRequest, Unavailable
-from kvpool.cachenode.proto import nixl_pb2 as pb
-from kvpool.cachenode.proto import nixl_pb2_grpc as pb_grpc
-from kvpool.cachenode.tiers.record import checksum
-from kvpool.cachenode.transport.connection import ConnectOptions, NodeConnection
-from kvpool.cachenode.transport.nixl_client import NixlFailed, NixlLink, hello
-from kvpool.cachenode.transport.nixl_common import release_message
-from kvpool.cli.local_servers import free_port
+from kvpool.cachenode.client.connection import ConnectOptions, NodeConnection
+from kvpool.cachenode.client.nixl import NixlFailed, NixlLink, hello
+from kvpool.cachenode.client.nixl_common import release_message
+from kvpool.cachenode.core.record import checksum
+from kvpool.cachenode.rpc.proto import nixl_pb2 as pb
+from kvpool.cachenode.rpc.proto import nixl_pb2_grpc as pb_grpc
+from kvpool.cli.devtools.local_servers import free_port
 
 from .conftest import LEASE_TTL_S, nixl_node, nixl_or_skip
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvpool.cachenode.tiers.arena import PAGE, Arena, Extents
+from kvpool.cachenode.client.arena import PAGE, Arena, Extents
 
 
 def test_alloc_is_aligned_and_first_fit() -> None:
@@ -73,7 +73,7 @@ def test_random_workload_matches_model() -> None:
 
 
 CHILD = (
-    "import sys; from kvpool.cachenode.tiers.arena import Region; "
+    "import sys; from kvpool.cachenode.client.arena import Region; "
     "r = Region(0, sys.argv[1], create=False); "
     "sys.stdout.buffer.write(bytes(r.slice(int(sys.argv[2]), int(sys.argv[3])))); r.close()"
 )

@@ -11,8 +11,8 @@ import uuid
 import numpy as np
 import pytest
 
-from kvpool.cachenode.tiers.arena_memory import ArenaBuffer, ArenaMemoryTier
-from kvpool.cachenode.tiers.store import TieredStore
+from kvpool.cachenode.server.tiers.arena_memory import ArenaBuffer, ArenaMemoryTier
+from kvpool.cachenode.server.tiers.store import TieredStore
 
 
 def tier(capacity: int, **kwargs) -> ArenaMemoryTier:

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from kvpool.cachenode.tiers.arena import PAGE
-from kvpool.cachenode.transport.buffers import BufferPool
+from kvpool.cachenode.client.arena import PAGE
+from kvpool.cachenode.client.buffers import BufferPool
 
 
 def test_buffers_are_aligned_reused_and_bounded() -> None:

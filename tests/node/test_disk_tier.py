@@ -11,8 +11,8 @@ import uuid
 import pytest
 from prometheus_client import REGISTRY
 
-from kvpool.cachenode.tiers import record
-from kvpool.cachenode.tiers.disk import DiskTier, record_size
+from kvpool.cachenode.core import record
+from kvpool.cachenode.server.tiers.disk import DiskTier, record_size
 
 
 def _name() -> str:
@@ -225,7 +225,7 @@ def test_enospc_degrades_once_reads_go_on_and_recovery_clears(tiny_tmpfs, caplog
     chunk = 200 * 1024
     assert tier.put(b"first", b"1" * chunk)
     dropped_before = _metric("kvpool_tier_dropped_writes_total", name)
-    caplog.set_level(logging.WARNING, logger="kvpool.cachenode.tiers.disk")
+    caplog.set_level(logging.WARNING, logger="kvpool.cachenode.server.tiers.disk")
     results = [tier.put(b"fill%d" % i, b"f" * chunk) for i in range(8)]
     assert results.count(False) >= 3
     assert tier.degraded and _metric("kvpool_tier_degraded", name) == 1

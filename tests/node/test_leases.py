@@ -7,8 +7,8 @@ import threading
 import pytest
 from prometheus_client import REGISTRY
 
-from kvpool.cachenode.tiers.leases import LeaseTable
-from kvpool.cachenode.tiers.store import TieredStore
+from kvpool.cachenode.core.leases import LeaseTable
+from kvpool.cachenode.server.tiers.store import TieredStore
 
 
 class Clock:

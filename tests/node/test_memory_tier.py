@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from kvpool.cachenode.tiers.arena_memory import ArenaMemoryTier as MemoryTier
+from kvpool.cachenode.server.tiers.arena_memory import ArenaMemoryTier as MemoryTier
 
 
 def _name() -> str:

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client import REGISTRY
 
-from kvpool.cachenode.errors import InvalidRequest
-from kvpool.cachenode.tiers.disk import DiskTier
-from kvpool.cachenode.tiers.store import TieredStore
+from kvpool.cachenode.core.errors import InvalidRequest
+from kvpool.cachenode.server.tiers.disk import DiskTier
+from kvpool.cachenode.server.tiers.store import TieredStore
 
 
 def _metric(metric: str, tier: str) -> float:

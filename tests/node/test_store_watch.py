@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from kvpool.cachenode.tiers.store import TieredStore
+from kvpool.cachenode.server.tiers.store import TieredStore
 
 
 class Recorder:

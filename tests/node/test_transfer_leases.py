@@ -8,12 +8,12 @@ import os
 
 import pytest
 
-from kvpool.cachenode.errors import CorruptData, InvalidRequest
-from kvpool.cachenode.tiers.arena_memory import NoRoom
-from kvpool.cachenode.tiers.leases import LeaseTable
-from kvpool.cachenode.tiers.record import checksum
-from kvpool.cachenode.tiers.store import TieredStore
-from kvpool.cachenode.transport.nixl_leases import LeaseGone, TransferLeases
+from kvpool.cachenode.core.errors import CorruptData, InvalidRequest
+from kvpool.cachenode.core.leases import LeaseTable
+from kvpool.cachenode.core.record import checksum
+from kvpool.cachenode.server.nixl_leases import LeaseGone, TransferLeases
+from kvpool.cachenode.server.tiers.arena_memory import NoRoom
+from kvpool.cachenode.server.tiers.store import TieredStore
 
 
 class Clock:

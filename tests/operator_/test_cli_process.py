@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kvpool.cli.local_servers import free_port
+from kvpool.cli.devtools.local_servers import free_port
 
 from .conftest import NS, ROOT, Cluster, _declare_resources
 

@@ -11,7 +11,7 @@ import time
 
 from cryptography import x509
 
-from kvpool.cli.local_servers import free_port
+from kvpool.cli.devtools.local_servers import free_port
 from kvpool.operator.webhook import certs
 from kvpool.operator.webhook.server import WebhookServer
 

@@ -25,7 +25,7 @@ import kmock
 import pytest
 import yaml
 
-from kvpool.cli.local_servers import free_port
+from kvpool.cli.devtools.local_servers import free_port
 from kvpool.operator.webhook import certs
 
 from ..webhook.shapes import EXPECTED, apply, pod, pool

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from kvpool.cachenode import Client, InvalidRequest
-from kvpool.cachenode import settings as registry
-from kvpool.cli.local_servers import free_port
+from kvpool.cachenode.core import settings as registry
+from kvpool.cli.devtools.local_servers import free_port
 from kvpool.cli.main import cli
 from kvpool.connector.settings import load_settings
 from kvpool.operator import builders, settings
@@ -52,21 +52,23 @@ def test_operator_imports_the_settings_registry_and_nothing_else_of_cachenode() 
                 and node.module
                 and node.module.startswith("kvpool.cachenode")
             ):
-                names = [f"{node.module}.{a.name}" if node.module == "kvpool.cachenode" else node.module
+                names = [f"{node.module}.{a.name}" if node.module in ("kvpool.cachenode", "kvpool.cachenode.core") else node.module
                          for a in node.names]  # fmt: skip
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names if a.name.startswith("kvpool.cachenode")]
             else:
                 names = []
             seen.update(names)
-            assert set(names) <= {"kvpool.cachenode.settings"}, f"{path.relative_to(ROOT)} imports {names}"
+            assert set(names) <= {"kvpool.cachenode.core.settings"}, (
+                f"{path.relative_to(ROOT)} imports {names}"
+            )
             if (
                 path.parent.name == "builders"
                 and path.name != "__init__.py"
                 and isinstance(node, ast.ImportFrom)
             ) and node.level == 1:  # from .x import ...
                 assert node.module == "common", f"{path.name} imports builder {node.module}"
-    assert seen == {"kvpool.cachenode.settings"}
+    assert seen == {"kvpool.cachenode.core.settings"}
 
 
 def test_the_lookup_service_is_on_by_default_as_one_replica() -> None:

@@ -29,7 +29,7 @@ from packaging.specifiers import SpecifierSet
 
 from kvpool.cachenode import Client
 from kvpool.cli import payload_cmd
-from kvpool.cli.local_servers import free_port
+from kvpool.cli.devtools.local_servers import free_port
 
 from . import vllm_env
 

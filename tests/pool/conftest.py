@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.transport.connection import ConnectOptions, NodeConnection
-from kvpool.cli.local_servers import free_port, wait_port
+from kvpool.cachenode.client.connection import ConnectOptions, NodeConnection
+from kvpool.cli.devtools.local_servers import free_port, wait_port
 
 
 @dataclass

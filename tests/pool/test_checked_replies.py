@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from kvpool.cachenode import Client, Unavailable
-from kvpool.cachenode.proto import kvpool_pb2 as pb
-from kvpool.cachenode.proto import kvpool_pb2_grpc as pb_grpc
-from kvpool.cachenode.transport import dataproto as dp
-from kvpool.cachenode.transport.connection import BadReply, ConnectOptions, NodeConnection
+from kvpool.cachenode.client.connection import BadReply, ConnectOptions, NodeConnection
+from kvpool.cachenode.rpc import dataproto as dp
+from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
+from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
 
 MAX_VALUE = 1000
 

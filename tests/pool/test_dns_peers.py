@@ -13,10 +13,10 @@ import socket
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.node import CacheNode
-from kvpool.cachenode.settings import NodeSettings
-from kvpool.cachenode.transport import peers
-from kvpool.cli.local_servers import free_port
+from kvpool.cachenode.core.settings import NodeSettings
+from kvpool.cachenode.server import peers
+from kvpool.cachenode.server.node import CacheNode
+from kvpool.cli.devtools.local_servers import free_port
 
 from .conftest import values, wait_until
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.node import CacheNode
-from kvpool.cachenode.settings import NodeSettings
-from kvpool.cachenode.transport.placement import Placement
-from kvpool.cli.local_servers import free_port
+from kvpool.cachenode.core.placement import Placement
+from kvpool.cachenode.core.settings import NodeSettings
+from kvpool.cachenode.server.node import CacheNode
+from kvpool.cli.devtools.local_servers import free_port
 
 from ..nixl.conftest import nixl_or_skip
 from .conftest import values, wait_until

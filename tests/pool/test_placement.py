@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from kvpool.cachenode.transport.placement import Placement
+from kvpool.cachenode.core.placement import Placement
 
 KEYS = [f"chunk-{i}".encode() for i in range(100_000)]
 
@@ -92,7 +92,7 @@ def test_same_owners_in_another_process():
     sample = KEYS[::997]
     script = (
         "import json, sys\n"
-        "from kvpool.cachenode.transport.placement import Placement\n"
+        "from kvpool.cachenode.core.placement import Placement\n"
         "nodes, keys = json.load(sys.stdin)\n"
         "p = Placement(nodes)\n"
         "print(json.dumps([p.owners(k.encode(), 2) for k in keys]))\n"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.transport.placement import Placement
+from kvpool.cachenode.core.placement import Placement
 
 from ..nixl.conftest import nixl_or_skip
 from .conftest import values, wait_until

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kvpool.cachenode.transport import members as ms
-from kvpool.cachenode.transport.handoff import plan
-from kvpool.cachenode.transport.placement import Placement
+from kvpool.cachenode.client import members as ms
+from kvpool.cachenode.core.placement import Placement
+from kvpool.cachenode.server.handoff import plan
 
 KEYS = [f"chunk-{i}".encode() for i in range(3000)]
 

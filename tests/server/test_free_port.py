@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvpool.cli.local_servers import free_port
+from kvpool.cli.devtools.local_servers import free_port
 
 # A fresh band each run, below the test workers' bands, since a reservation outlives the test.
 BASE = random.randrange(10_000, 19_800, 200)
@@ -25,7 +25,7 @@ def test_picks_in_one_process_never_repeat_within_a_band(monkeypatch):
 def test_a_child_process_does_not_pick_a_port_its_parent_holds_unbound(monkeypatch):
     monkeypatch.setenv("KVPOOL_PORT_RANGE", f"{BASE + 100}-{BASE + 119}")
     mine = {free_port() for _ in range(15)}
-    code = "from kvpool.cli.local_servers import free_port; print(*[free_port() for _ in range(5)])"
+    code = "from kvpool.cli.devtools.local_servers import free_port; print(*[free_port() for _ in range(5)])"
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                          check=True, env=os.environ.copy()).stdout  # fmt: skip
     theirs = {int(p) for p in out.split()}

@@ -153,7 +153,7 @@ def test_http_endpoints(node):
 
 
 def test_unreachable_pool_raises_unavailable():
-    from kvpool.cli.local_servers import free_port
+    from kvpool.cli.devtools.local_servers import free_port
 
     with Client(f"grpc://127.0.0.1:{free_port()}", timeout=1) as client, pytest.raises(Unavailable):
         client.get(b"k")

@@ -7,13 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvpool.cachenode.proto import generate
+from kvpool.cachenode.rpc.proto import generate
 
 # In a fresh process: protoc's extension must not load beside libraries another test brought in
 # (nixl's wheel bundles its own protobuf, and the two crash when loaded into one process).
-SCRIPT = (
-    "import json; from kvpool.cachenode.proto import generate; print(json.dumps(generate.generated_texts()))"
-)
+SCRIPT = "import json; from kvpool.cachenode.rpc.proto import generate; print(json.dumps(generate.generated_texts()))"
 
 
 def test_every_proto_file_is_generated():
@@ -27,7 +25,7 @@ def test_generator_is_pinned_to_the_version_that_wrote_the_committed_files():
     import re
     import tomllib
 
-    root = Path(generate.HERE).parents[1]
+    root = Path(generate.HERE).parents[2]
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert f"grpcio-tools=={generate.GRPCIO_TOOLS_VERSION}" in extras["test"]
     for proto in generate.PROTOS:
@@ -46,4 +44,4 @@ def test_generated_code_is_current():
     )  # both services are generated
     for name, text in texts.items():
         committed = (Path(generate.HERE) / name).read_text()
-        assert committed == text, f"{name} is stale: run python -m kvpool.cachenode.proto.generate"
+        assert committed == text, f"{name} is stale: run python -m kvpool.cachenode.rpc.proto.generate"

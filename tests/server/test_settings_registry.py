@@ -7,8 +7,8 @@ import pathlib
 
 import pytest
 
-from kvpool.cachenode import settings as registry
-from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
+from kvpool.cachenode.core import settings as registry
+from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
 from kvpool.cli.main import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_docs_reference_is_current() -> None:
     doc = ROOT / "docs" / "settings.md"
     assert registry.replace_reference(doc.read_text()) == doc.read_text(), (
-        "run python -m kvpool.cli.settings_doc docs/settings.md"
+        "run python -m kvpool.cli.devtools.settings_doc docs/settings.md"
     )
     for s in registry.SETTINGS_LIST:
         assert f"`{s.env}`" in doc.read_text()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvpool.cli.local_servers import valkey_server, valkey_server_binary
+from kvpool.cli.devtools.local_servers import valkey_server, valkey_server_binary
 
 from .conftest import run_node
 

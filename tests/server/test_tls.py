@@ -14,10 +14,10 @@ import urllib.request
 import pytest
 
 from kvpool.cachenode import Client, InvalidRequest, Unavailable
-from kvpool.cachenode.node import CacheNode
-from kvpool.cachenode.settings import NodeSettings
-from kvpool.cachenode.transport.tls import load_server_tls
-from kvpool.cli.local_servers import free_port
+from kvpool.cachenode.core.settings import NodeSettings
+from kvpool.cachenode.rpc.tls import load_server_tls
+from kvpool.cachenode.server.node import CacheNode
+from kvpool.cli.devtools.local_servers import free_port
 
 from ..conftest import issue_cert
 from .conftest import run_node

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
-from kvpool.cli.local_servers import free_port, valkey_server_binary, wait_port
+from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
+from kvpool.cli.devtools.local_servers import free_port, valkey_server_binary, wait_port
 
 
 class KVServer:

@@ -8,12 +8,12 @@ import os
 import threading
 import time
 
-from kvpool.cachenode import metrics
-from kvpool.cachenode.tiers.breaker import State
-from kvpool.cachenode.tiers.redis import RedisTier
-from kvpool.cachenode.tiers.s3 import S3Tier
-from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
-from kvpool.cachenode.tiers.store import TieredStore
+from kvpool.cachenode.core import metrics
+from kvpool.cachenode.core.breaker import State
+from kvpool.cachenode.server.tiers.redis import RedisTier
+from kvpool.cachenode.server.tiers.s3 import S3Tier
+from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
+from kvpool.cachenode.server.tiers.store import TieredStore
 
 MiB = 1024 * 1024
 

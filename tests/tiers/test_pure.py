@@ -7,12 +7,17 @@ import time
 
 import pytest
 
-from kvpool.cachenode import metrics
-from kvpool.cachenode.tiers.background import Skipped, WriteBehindQueue, stable_bytes
-from kvpool.cachenode.tiers.breaker import CircuitBreaker, State
-from kvpool.cachenode.tiers.redis import Manifest, part_count, split_value
-from kvpool.cachenode.tiers.s3 import ranges
-from kvpool.cachenode.tiers.shared_config import SharedTiersConfig, parse_redis_url, parse_s3_url, parse_ttl
+from kvpool.cachenode.core import metrics
+from kvpool.cachenode.core.breaker import CircuitBreaker, State
+from kvpool.cachenode.core.writebehind import Skipped, WriteBehindQueue, stable_bytes
+from kvpool.cachenode.server.tiers.redis import Manifest, part_count, split_value
+from kvpool.cachenode.server.tiers.s3 import ranges
+from kvpool.cachenode.server.tiers.shared_config import (
+    SharedTiersConfig,
+    parse_redis_url,
+    parse_s3_url,
+    parse_ttl,
+)
 
 # -- breaker ----------------------------------------------------------------------------------------
 

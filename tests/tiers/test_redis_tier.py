@@ -7,10 +7,9 @@ import time
 
 import pytest
 
-from kvpool.cachenode import metrics
-from kvpool.cachenode.tiers import record
-from kvpool.cachenode.tiers.redis import MANIFEST_MAGIC, Manifest, RedisTier
-from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
+from kvpool.cachenode.core import metrics, record
+from kvpool.cachenode.server.tiers.redis import MANIFEST_MAGIC, Manifest, RedisTier
+from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
 
 MiB = 1024 * 1024
 

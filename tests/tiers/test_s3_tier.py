@@ -6,10 +6,9 @@ import os
 
 import pytest
 
-from kvpool.cachenode import metrics
-from kvpool.cachenode.tiers import record
-from kvpool.cachenode.tiers.s3 import S3Tier
-from kvpool.cachenode.tiers.shared_config import SharedTiersConfig
+from kvpool.cachenode.core import metrics, record
+from kvpool.cachenode.server.tiers.s3 import S3Tier
+from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
 
 MiB = 1024 * 1024
 

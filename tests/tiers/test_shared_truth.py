@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from kvpool.cachenode.tiers.shared import PolicyTier, SharedTier
-from kvpool.cachenode.tiers.shared_config import SharedTiersConfig, build_shared_tiers
-from kvpool.cachenode.tiers.store import TieredStore
+from kvpool.cachenode.server.tiers.shared import PolicyTier, SharedTier
+from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig, build_shared_tiers
+from kvpool.cachenode.server.tiers.store import TieredStore
 
 MiB = 1024 * 1024
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 
-from kvpool.cachenode.tiers.disk import record_size
-from kvpool.cachenode.tiers.redis import RedisTier
-from kvpool.cachenode.tiers.shared_config import build_shared_tiers
-from kvpool.cachenode.tiers.store import TieredStore
+from kvpool.cachenode.server.tiers.disk import record_size
+from kvpool.cachenode.server.tiers.redis import RedisTier
+from kvpool.cachenode.server.tiers.shared_config import build_shared_tiers
+from kvpool.cachenode.server.tiers.store import TieredStore
 
 VALUE = 1000  # bytes per value; budgets below are counted in these
 

@@ -1,0 +1,651 @@
+"""`NodeConnection`: everything a client says to one node, and nothing about pools.
+
+Control calls go over gRPC; values travel on the node's lean TCP data channel (learned with one
+Hello call), received straight into the result objects; the ≤ 4 MiB-frame gRPC stream is the
+fallback when the data channel is off or unreachable. `Client` (client.py) routes keys over one
+NodeConnection per pool member; nodes use it too, to probe their peers and hand chunks over.
+
+Every reply is checked before it is believed: counts must match the request, sizes must lie
+within the node's announced limits and add up to the bytes that arrived. A reply that does not
+is an `Unavailable` (the node is misbehaving; its keys are routed elsewhere), never a short or
+shifted value handed to the caller.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer
+from kvpool.cachenode.client.nixl import NixlRoute
+from kvpool.cachenode.core.errors import (
+    InvalidRequest,
+    KVPoolError,
+    NodeLeaving,
+    Unauthenticated,
+    Unavailable,
+    Unreachable,
+)
+from kvpool.cachenode.core.settings import MAX_FRAME_SIZE
+from kvpool.cachenode.core.urls import format_url
+from kvpool.cachenode.core.validation import check_value_size
+from kvpool.cachenode.rpc import dataproto as dp
+from kvpool.cachenode.rpc.grpcframes import split_into_frames
+from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
+from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.cachenode.rpc.tls import client_context, read_ca
+
+DEFAULT_TIMEOUT_S = 10.0
+DATA_CONNECTIONS = 4
+READ_BUFFER = 256 * 1024
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+GRPC_MESSAGE_LIMIT = MAX_FRAME_SIZE + 64 * 1024
+MEMBER_STATES = ("starting", "ready", "leaving", "down")
+MAX_NODE_ID = 253
+RECONNECT_BACKOFF_MS = 100
+MAX_RECONNECT_BACKOFF_MS = 1000  # a DNS name (the StatefulSet pod name in Kubernetes)
+
+TRANSPORTS = ("auto", "nixl", "grpc")
+BUFFER_WAIT_S = 1.0
+DEFAULT_RECEIVE_BUFFER_BYTES = 256 * 1024 * 1024
+
+Value = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How to reach any node of one pool: the same token, timeout and TLS roots for all."""
+
+    timeout: float = DEFAULT_TIMEOUT_S
+    token: str | None = None
+    use_data_channel: bool = True
+    data_connections: int = DATA_CONNECTIONS
+    tls: bool = False
+    tls_root: bytes | None = None
+    tls_context: ssl.SSLContext | None = None
+    transport: str = "grpc"  # "auto" / "nixl": bulk bytes over NIXL where it is the fast path
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        tls: bool,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        use_data_channel: bool = True,
+        data_connections: int = DATA_CONNECTIONS,
+        tls_ca_file: str | None = None,
+        transport: str = "grpc",
+    ) -> ConnectOptions:
+        """`tls_ca_file` (default env KVPOOL_TLS_CA_FILE, else the system roots) for grpcs:// pools."""
+        if timeout <= 0:
+            raise InvalidRequest(f"timeout must be positive, got {timeout}")
+        if transport not in TRANSPORTS:
+            raise InvalidRequest(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        root = context = None
+        if tls:
+            ca_file = tls_ca_file or os.environ.get("KVPOOL_TLS_CA_FILE") or None
+            try:
+                root = read_ca(ca_file)
+                context = client_context(ca_file)
+            except (ValueError, OSError, ssl.SSLError) as exc:
+                raise InvalidRequest(str(exc)) from None
+        return cls(timeout, token, use_data_channel, max(1, data_connections), tls, root, context, transport)
+
+    @property
+    def metadata(self) -> tuple:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+class _DataConnection:
+    def __init__(
+        self, host: str, port: int, token: bytes, timeout: float, tls: ssl.SSLContext | None = None
+    ) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
+        self.rfile = self.sock.makefile("rb", buffering=READ_BUFFER)
+        self.sock.sendall(dp.encode_hello(token))
+        self.read_status()
+
+    def read_exact(self, n: int) -> bytes:
+        data = self.rfile.read(n)
+        if len(data) < n:
+            raise ConnectionError("data channel closed mid-response")
+        return data
+
+    def read_status(self) -> int:
+        status, count = dp.STATUS_STRUCT.unpack(self.read_exact(dp.STATUS_STRUCT.size))
+        if status != dp.STATUS_OK:
+            (length,) = dp.MSG_LEN.unpack(self.read_exact(dp.MSG_LEN.size))
+            message = self.read_exact(length).decode(errors="replace")
+            if status == dp.STATUS_INVALID:
+                raise InvalidRequest(message)
+            if status == dp.STATUS_UNAUTHENTICATED:
+                raise Unauthenticated(message)
+            if status == dp.STATUS_LEAVING:
+                raise NodeLeaving(message)
+            raise Unavailable(f"data channel: {message}")
+        return count
+
+    def close(self) -> None:
+        try:
+            self.rfile.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class BadReply(Unavailable):
+    """A node answered with counts or sizes that do not fit the request or its own limits."""
+
+
+def _check_sizes(sizes: Sequence[int], count: int, limit: int, where: str) -> int:
+    """Sizes of a get reply: one per key, each -1 (missing) or 0..limit; returns their sum."""
+    if len(sizes) != count:
+        raise BadReply(f"{where}: {len(sizes)} sizes for {count} keys")
+    total = 0
+    for size in sizes:
+        if size < -1 or size > limit:
+            raise BadReply(f"{where}: value size {size} outside -1..{limit}")
+        if size > 0:
+            total += size
+    return total
+
+
+class Pending:
+    """A gRPC call in flight; `result()` gives the checked answer or raises a KVPoolError."""
+
+    def __init__(self, future, check) -> None:
+        self._future = future
+        self._check = check
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def add_done_callback(self, fn) -> None:
+        self._future.add_done_callback(lambda _: fn())
+
+    def result(self):
+        try:
+            reply = self._future.result()
+        except grpc.RpcError as exc:
+            raise translate(exc) from None
+        return self._check(reply)
+
+
+class NodeConnection:
+    """One node: a gRPC channel plus a few pooled data connections. Thread-safe."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        options: ConnectOptions,
+        buffers: Callable[[], BufferPool] | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        """`buffers`: the client's pool of receive buffers (`get_many_into`, NIXL READs).
+        `server_name`: with TLS, the name to verify the certificate against when `host` is an
+        address a name resolved to (peer discovery through a headless Service's name)."""
+        self.host = host
+        self.port = port
+        self.options = options
+        self.url = format_url(host, port, options.tls)
+        channel_options = [
+            ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+            ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+            # A node that comes back is tried again within a fraction of a second: whether to call
+            # a failing node at all is the pool's breaker's decision, not gRPC's back-off (1-120 s).
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        ]
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if options.tls:
+            if server_name and server_name != host:
+                channel_options.append(("grpc.ssl_target_name_override", server_name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=options.tls_root)
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        self._stub = pb_grpc.CacheNodeStub(self._channel)
+        self._hello: pb.HelloResponse | None = None
+        self._hello_lock = threading.Lock()
+        self._idle: collections.deque[_DataConnection] = collections.deque()  # append/pop are atomic
+        self._closed = False
+        self._buffers = buffers or _own_buffers()
+        self._nixl = (
+            None
+            if options.transport == "grpc"
+            else NixlRoute(options.transport, self._channel, self._call, self._buffers)
+        )
+
+    def __repr__(self) -> str:
+        return f"NodeConnection({self.url})"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                break
+        if self._nixl is not None:
+            self._nixl.close()
+        self._channel.close()
+
+    @property
+    def transport_in_use(self) -> str:
+        """Which transport bulk requests take now, and why (NIXL's path or the fallback's reason)."""
+        if self._nixl is None:
+            return "tcp data channel" if self.options.use_data_channel else "grpc frames"
+        return self._nixl.describe()
+
+    def forget_session(self) -> None:
+        """The node behind this address restarted: its data port and session token are new."""
+        with self._hello_lock:
+            self._hello = None
+        while True:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                break
+
+    # -- calls ---------------------------------------------------------------------------
+    def hello(self) -> pb.HelloResponse:
+        if self._hello is None:
+            with self._hello_lock:
+                if self._hello is None:
+                    self._hello = self._call(self._stub.Hello, pb.HelloRequest(client="kvpool-python"))
+        return self._hello
+
+    def put_many(self, items: list[tuple[bytes, Value]]) -> None:
+        """Store checked pairs (keys checked by the caller); sizes are checked against the node."""
+        hello = self.hello()
+        for _, value in items:
+            check_value_size(memoryview(value).nbytes, hello.max_value_size)
+        for batch in _batches(items, hello.max_batch_keys):
+            if self._nixl is not None and self._nixl.put_many(batch):
+                continue
+            if self._data_channel_on():
+                self._with_data_connection(lambda conn, b=batch: self._put_data(conn, b))
+            else:
+                self._put_grpc(batch)
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        hello = self.hello()
+        found: dict[bytes, bytes] = {}
+        for start in range(0, len(keys), hello.max_batch_keys):
+            chunk = list(keys[start : start + hello.max_batch_keys])
+            got = self._nixl.get_many(chunk) if self._nixl is not None else None
+            if got is not None:
+                found.update(got)
+            elif self._data_channel_on():
+                found.update(self._with_data_connection(lambda conn, c=chunk: self._get_data(conn, c)))
+            else:
+                found.update(self._get_grpc(chunk))
+        return found
+
+    def get_many_into(self, keys: Sequence[bytes]) -> dict[bytes, PooledBuffer]:
+        """Receive values straight into pooled buffers (NIXL READ or the data channel's
+        recv_into); missing keys are absent. The caller releases each buffer."""
+        hello = self.hello()
+        found: dict[bytes, PooledBuffer] = {}
+        try:
+            for start in range(0, len(keys), hello.max_batch_keys):
+                chunk = list(keys[start : start + hello.max_batch_keys])
+                got = self._nixl.get_many_into(chunk) if self._nixl is not None else None
+                if got is None and self._data_channel_on():
+                    got = self._with_data_connection(lambda conn, c=chunk: self._get_into_pool(conn, c))
+                elif got is None:
+                    got = {}
+                    for key, value in self._get_grpc(chunk).items():
+                        got[key] = buf = self._acquire_buffer(len(value))
+                        buf.view[:] = value
+                found.update(got)
+        except BaseException:
+            for buf in found.values():
+                buf.release()
+            raise
+        return found
+
+    def get_into(self, key: bytes, buffer) -> int | None:
+        """Receive a value straight into `buffer` (writable, large enough); its size, or None."""
+        if not self._data_channel_on():
+            value = self.get_many([key]).get(key)
+            if value is None:
+                return None
+            view = memoryview(buffer).cast("B")
+            if len(view) < len(value):
+                raise InvalidRequest(
+                    f"buffer of {len(view)} bytes is too small for a {len(value)}-byte value"
+                )
+            view[: len(value)] = value
+            return len(value)
+        return self._with_data_connection(lambda conn: self._get_into_data(conn, key, buffer))
+
+    def prefix_hits(self, keys: Sequence[bytes]) -> int:
+        reply = self._call(self._stub.PrefixHits, pb.KeysRequest(keys=list(keys)))
+        if reply.count > len(keys):
+            raise BadReply(f"{self.url}: prefix of {reply.count} hits for {len(keys)} keys")
+        return reply.count
+
+    def lease_prefix(self, keys: Sequence[bytes], lease_ms: int, lease_id: int = 0) -> tuple[int, int]:
+        """prefix_hits that also pins what it found for ``lease_ms`` under ``lease_id``
+        (0: the node picks one); returns (count, lease id), the id 0 when nothing was pinned."""
+        request = pb.KeysRequest(keys=list(keys), lease_ms=int(lease_ms), lease_id=lease_id)
+        reply = self._call(self._stub.PrefixHits, request)
+        if reply.count > len(keys):
+            raise BadReply(f"{self.url}: prefix of {reply.count} hits for {len(keys)} keys")
+        return reply.count, reply.lease_id
+
+    def release(self, lease_id: int, keys: Sequence[bytes] | None = None) -> int:
+        """Unpin ``keys`` of a lease (the whole lease when None); returns how many were unpinned."""
+        request = pb.ReleaseRequest(lease_id=lease_id, keys=list(keys or ()))
+        return self._call(self._stub.Release, request).count
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        reply = self._call(self._stub.Contains, pb.KeysRequest(keys=list(keys)))
+        if len(reply.present) != len(keys):
+            raise BadReply(f"{self.url}: {len(reply.present)} flags for {len(keys)} keys")
+        return list(reply.present)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        reply = self._call(self._stub.Delete, pb.KeysRequest(keys=list(keys)))
+        if reply.count > len(keys):
+            raise BadReply(f"{self.url}: deleted {reply.count} of {len(keys)} keys")
+        return reply.count
+
+    def stats_async(self) -> Pending:
+        def check(reply: pb.StatsResponse) -> dict:
+            try:
+                stats = json.loads(reply.json)
+            except ValueError:
+                stats = None
+            if not isinstance(stats, dict):
+                raise BadReply(f"{self.url}: stats are not a JSON object")
+            return stats
+
+        return self._future(self._stub.Stats, pb.StatsRequest(), check)
+
+    def members_async(self, caller: pb.Member | None = None, timeout: float | None = None) -> Pending:
+        def check(reply: pb.MembersResponse) -> pb.MembersResponse:
+            for member in (reply.node, *reply.peers):
+                check_member(member, self.url)
+            return reply
+
+        request = pb.MembersRequest(caller=caller) if caller is not None else pb.MembersRequest()
+        return self._future(self._stub.Members, request, check, timeout)
+
+    def stats(self) -> dict:
+        return self.stats_async().result()
+
+    def members(self, caller: pb.Member | None = None, timeout: float | None = None) -> pb.MembersResponse:
+        return self.members_async(caller, timeout).result()
+
+    # -- gRPC ----------------------------------------------------------------------------
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.options.timeout, metadata=self.options.metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc) from None
+
+    def _future(self, method, request, check, timeout: float | None = None) -> Pending:
+        if self._closed:
+            raise Unavailable("client is closed")
+        future = method.future(
+            request, timeout=timeout or self.options.timeout, metadata=self.options.metadata
+        )
+        return Pending(future, check)
+
+    def _put_grpc(self, items: list[tuple[bytes, Value]]) -> None:
+        def frames():
+            entries = [pb.PutEntry(key=k, size=memoryview(v).nbytes) for k, v in items]
+            for i, data in enumerate(split_into_frames((v for _, v in items), MAX_FRAME_SIZE)):
+                yield pb.PutFrame(entries=entries if i == 0 else (), data=data)
+
+        reply = self._call(self._stub.Put, frames())
+        if reply.stored != len(items):
+            raise BadReply(f"{self.url}: stored {reply.stored} of {len(items)} values")
+
+    def _get_grpc(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        limit = self.hello().max_value_size
+        sizes: list[int] = []
+        expected = 0
+        data = bytearray()
+        try:
+            stream = self._stub.Get(
+                pb.GetRequest(keys=keys), timeout=self.options.timeout, metadata=self.options.metadata
+            )
+            for i, frame in enumerate(stream):
+                if i == 0:
+                    sizes = list(frame.sizes)
+                    expected = _check_sizes(sizes, len(keys), limit, self.url)
+                elif frame.sizes:
+                    raise BadReply(f"{self.url}: sizes in a later get frame")
+                if len(data) + len(frame.data) > expected:
+                    stream.cancel()
+                    raise BadReply(f"{self.url}: get sent more than the {expected} bytes it announced")
+                data += frame.data
+        except grpc.RpcError as exc:
+            raise translate(exc) from None
+        if not sizes and keys:
+            raise BadReply(f"{self.url}: get reply without sizes")
+        if len(data) != expected:
+            raise BadReply(f"{self.url}: get sent {len(data)} of the {expected} bytes it announced")
+        found: dict[bytes, bytes] = {}
+        pos = 0
+        view = memoryview(data)
+        for key, size in zip(keys, sizes, strict=True):
+            if size >= 0:
+                found[key] = bytes(view[pos : pos + size])
+                pos += size
+        return found
+
+    # -- data channel --------------------------------------------------------------------
+    def _data_channel_on(self) -> bool:
+        return self.options.use_data_channel and self.hello().data_port != 0
+
+    def _with_data_connection(self, operation):
+        """Run on a pooled connection; a stale pooled connection (closed by the node, e.g. after a
+        restart) is retried once on a fresh one. A timeout is not retried: the node is slow or
+        hung, and a second try would wait as long again."""
+        for attempt in (0, 1):
+            conn, reused = self._acquire()
+            try:
+                result = operation(conn)
+            except KVPoolError:
+                conn.close()
+                raise
+            except TimeoutError as exc:
+                conn.close()
+                raise Unreachable(f"data channel to {self.host}:{self.hello().data_port}: {exc}") from None
+            except (OSError, ConnectionError) as exc:
+                conn.close()
+                if reused and attempt == 0:
+                    continue
+                raise Unavailable(
+                    f"data channel to {self.host}:{self.hello().data_port} failed: {exc}"
+                ) from None
+            except BaseException:
+                conn.close()
+                raise
+            self._release(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    def _acquire(self) -> tuple[_DataConnection, bool]:
+        if self._closed:
+            raise Unavailable("client is closed")
+        try:
+            return self._idle.pop(), True
+        except IndexError:
+            pass
+        for attempt in (0, 1):
+            hello = self.hello()
+            host = hello.data_host or self.host
+            try:
+                conn = _DataConnection(
+                    host, hello.data_port, hello.data_token, self.options.timeout, self.options.tls_context
+                )
+            except Unauthenticated:
+                if attempt:
+                    raise
+                with self._hello_lock:  # the node restarted at this address: new session token
+                    if self._hello is hello:
+                        self._hello = None
+                continue
+            except KVPoolError:
+                raise
+            except OSError as exc:
+                raise Unreachable(f"cannot reach data channel {host}:{hello.data_port}: {exc}") from None
+            return conn, False
+        raise AssertionError("unreachable")
+
+    def _release(self, conn: _DataConnection) -> None:
+        if len(self._idle) < self.options.data_connections and not self._closed:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def _put_data(self, conn: _DataConnection, items: list[tuple[bytes, Value]]) -> None:
+        views = [memoryview(v).cast("B") for _, v in items]
+        header = dp.encode_put([(k, len(v)) for (k, _), v in zip(items, views, strict=True)])
+        dp.send_buffers(conn.sock, [header, *views])
+        stored = conn.read_status()
+        if stored != len(items):
+            raise BadReply(f"{self.url}: stored {stored} of {len(items)} values")
+
+    def _read_sizes(self, conn: _DataConnection, count: int) -> tuple[int, ...]:
+        got = conn.read_status()
+        if got != count:
+            raise BadReply(f"{self.url}: {got} sizes for {count} keys")
+        sizes = dp.parse_sizes(conn.read_exact(count * dp.SIZE.size), count)
+        _check_sizes(sizes, count, self.hello().max_value_size, self.url)
+        return sizes
+
+    def _acquire_buffer(self, size: int) -> PooledBuffer:
+        try:
+            buf = self._buffers().acquire(size, timeout=BUFFER_WAIT_S)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if buf is None:
+            raise Unavailable("receive buffers stayed full: release the buffers get_many_into returned")
+        return buf
+
+    def _get_into_pool(self, conn: _DataConnection, keys: list[bytes]) -> dict[bytes, PooledBuffer]:
+        conn.sock.sendall(dp.encode_get(keys))
+        sizes = self._read_sizes(conn, len(keys))
+        found: dict[bytes, PooledBuffer] = {}
+        try:
+            for key, size in zip(keys, sizes, strict=True):
+                if size >= 0:
+                    found[key] = buf = self._acquire_buffer(size)  # an error drops the connection
+                    if size and conn.rfile.readinto(buf.view) != size:
+                        raise ConnectionError("data channel closed mid-value")
+        except BaseException:
+            for buf in found.values():
+                buf.release()
+            raise
+        return found
+
+    def _get_data(self, conn: _DataConnection, keys: list[bytes]) -> dict[bytes, bytes]:
+        conn.sock.sendall(dp.encode_get(keys))
+        sizes = self._read_sizes(conn, len(keys))
+        found: dict[bytes, bytes] = {}
+        for key, size in zip(keys, sizes, strict=True):
+            if size >= 0:
+                found[key] = conn.read_exact(size)
+        return found
+
+    def _get_into_data(self, conn: _DataConnection, key: bytes, buffer) -> int | None:
+        conn.sock.sendall(dp.encode_get([key]))
+        (size,) = self._read_sizes(conn, 1)
+        if size < 0:
+            return None
+        view = memoryview(buffer).cast("B")
+        if len(view) < size:  # the unread value stays on this connection, which is dropped with the error
+            raise InvalidRequest(f"buffer of {len(view)} bytes is too small for a {size}-byte value")
+        got = conn.rfile.readinto(view[:size])
+        if got != size:
+            raise ConnectionError("data channel closed mid-value")
+        return size
+
+
+def check_member(member: pb.Member, where: str) -> None:
+    """A member entry is believed only if its fields make sense."""
+    if not 0 < len(member.node_id) <= MAX_NODE_ID:
+        raise BadReply(f"{where}: member id of {len(member.node_id)} characters")
+    for name in ("grpc_port", "data_port", "http_port"):
+        if getattr(member, name) > 65535:
+            raise BadReply(f"{where}: member {member.node_id} has {name} {getattr(member, name)}")
+    if member.grpc_port == 0:
+        raise BadReply(f"{where}: member {member.node_id} has no gRPC port")
+    if member.state not in MEMBER_STATES:
+        raise BadReply(f"{where}: member {member.node_id} in unknown state {member.state!r}")
+
+
+def _batches(items: list[tuple[bytes, Value]], max_keys: int):
+    batch: list[tuple[bytes, Value]] = []
+    size = 0
+    for item in items:
+        n = memoryview(item[1]).nbytes
+        if batch and (len(batch) >= max_keys or size + n > MAX_REQUEST_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
+
+
+def translate(exc: grpc.RpcError) -> KVPoolError:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    ):
+        return InvalidRequest(detail)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(detail)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return Unimplemented(detail)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return NodeLeaving(detail)
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        return Unreachable(f"{code.name}: {detail}")
+    return Unavailable(f"{code.name if code else 'error'}: {detail}")
+
+
+class Unimplemented(Unavailable):
+    """The server does not offer this call (an older node, or an agent without Members)."""
+
+
+def _own_buffers() -> Callable[[], BufferPool]:
+    """A lazily made receive-buffer pool for a connection used on its own (no pool client)."""
+    lock = threading.Lock()
+    made: list[BufferPool] = []
+
+    def get() -> BufferPool:
+        with lock:
+            if not made:
+                made.append(BufferPool(DEFAULT_RECEIVE_BUFFER_BYTES, prefault=False))
+            return made[0]
+
+    return get

@@ -1,1 +1,0 @@
-"""Generated gRPC code for kvpool.proto and lookup.proto (regenerate with `python -m kvpool.cachenode.proto.generate`)."""

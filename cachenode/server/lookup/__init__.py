@@ -1,0 +1,7 @@
+"""The P2P lookup service: which agent or cache node holds which chunk.
+
+``server.LookupServer`` with ``settings.LookupSettings`` (what `kvpool lookup` runs), ``service``
+(the gRPC servicer), and the pure parts behind them: ``index`` (holders, leases, sequence numbers,
+queries) and ``table`` (the compact fingerprint → holder-bitmask table). Clients and publishers
+are ``kvpool.cachenode.client.lookup`` and ``client.publisher``.
+"""

@@ -1,0 +1,191 @@
+"""Measure what the cache buys on a real vLLM engine: TTFT with a warm pool vs the cache off.
+
+Shared by ``kvpool demo`` and ``kvpool bench ttft``. Two engines with the same settings are built
+in turn — one without the connector (the baseline), one with it and an embedded pool — and the
+same prompts go through both. vLLM's own prefix cache is off in both, so every reused token comes
+from kvpool (as it would for another engine, or after a restart). Imports vLLM lazily: call from
+a ``__main__``-guarded entry point (vLLM spawns processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+CHUNK = 256
+BLOCK = 128
+
+
+def build_engine(model: str, connector: bool, extra: dict | None = None, max_model_len: int = 8192):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kwargs = {}
+    if connector:
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVPoolConnector",
+            kv_connector_module_path="kvpool.connector.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config={"chunk_size": CHUNK, **(extra or {})},
+        )
+    cpu = _is_cpu()
+    if cpu:
+        same_cpu_threads()
+    return LLM(
+        model=model,
+        enable_prefix_caching=False,
+        block_size=BLOCK if cpu else 16,
+        max_model_len=max_model_len,
+        seed=0,
+        max_num_seqs=4,
+        enforce_eager=True,
+        **({"kv_cache_memory_bytes": 512 << 20} if cpu else {"gpu_memory_utilization": 0.8}),
+        **kwargs,
+    )
+
+
+def _is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def same_cpu_threads() -> int:
+    """Give both engines the same OpenMP threads. vLLM's CPU backend reserves one core more for an
+    engine with a KV connector than for one without, so on a small machine the connector's engine
+    would run more threads than the baseline (2 against 1 on 2 cores): a stronger engine, not a
+    cache, would then lift the ratio. Both reserve what the baseline reserves by default (one
+    core), unless VLLM_CPU_NUM_OF_RESERVED_CPU is set. Without it the outputs can differ too: a
+    different thread count sums in another order, which flips greedy near-ties."""
+    return int(os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
+
+
+def close_engine(llm) -> None:
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def ttft(llm, ids: list[int], salt: str | None = None) -> tuple[float, object]:
+    """Seconds to the first token (a 1-token generation) and its output."""
+    from vllm import SamplingParams
+
+    prompt = {"prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})}
+    t0 = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    return time.perf_counter() - t0, out
+
+
+def generate(llm, ids: list[int], max_tokens: int = 16):
+    from vllm import SamplingParams
+
+    out = llm.generate(
+        [{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False
+    )
+    return out[0]
+
+
+def _own_embedded_pool(engine: str, stop) -> None:
+    """A worker process's part: own the embedded pool (and its rendezvous file) until told."""
+    from kvpool.connector.backend import open_pool
+
+    owner = open_pool(
+        None, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0, timeout_s=0.5, engine_id=engine
+    )
+    stop.wait(600)
+    owner.close()
+
+
+def miss_overhead_ms(n_tokens: int = 4096, repeats: int = 200) -> float:
+    """The connector's work on the request path for a request the pool does not hold: chained
+    keys for the whole prompt plus one batched lookup to an embedded pool owned by another process,
+    as vLLM's scheduler reaches the pool its worker process owns. Median in ms."""
+    import multiprocessing
+    import random
+
+    from kvpool.connector.backend import RendezvousPool, SafePool, rendezvous_path
+    from kvpool.connector.keys import ModelFingerprint, chunk_keys
+    from kvpool.connector.settings import ConnectorSettings
+
+    engine = f"bench-{os.getpid()}"
+    path = rendezvous_path(engine)
+    spawn = multiprocessing.get_context("spawn")
+    stop = spawn.Event()
+    worker = spawn.Process(target=_own_embedded_pool, args=(engine, stop), daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            if not worker.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the pool-owning process did not start its embedded pool")
+            time.sleep(0.05)
+        sched = SafePool(RendezvousPool(path, 0.5))
+        fp = ModelFingerprint("bench", "", "bfloat16", "LKTHD/cpu", 32, 8, 128, CHUNK)
+        lease_ms = ConnectorSettings().lease_ms
+        rnd = random.Random(0)
+        times = []
+        for i in range(repeats):
+            ids = [rnd.randrange(50000) for _ in range(n_tokens)]
+            t0 = time.perf_counter()
+            keys = chunk_keys(fp, ids, salt=str(i))
+            sched.lease_prefix(keys, lease_ms)  # the connector's lookup (pins hits)
+            times.append(time.perf_counter() - t0)
+        sched.close()
+    finally:
+        stop.set()
+        worker.join(10)
+        if worker.is_alive():
+            worker.kill()
+    return 1000 * statistics.median(times[10:])
+
+
+def prompt_ids(model: str, n_tokens: int, seed: int) -> list[int]:
+    """Token ids of deterministic pseudo-text, from the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from kvpool.cli.devtools.tinymodel import corpus
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids: list[int] = []
+    words = n_tokens
+    while len(ids) < n_tokens:
+        ids = tok.encode(corpus(words, seed=seed), add_special_tokens=False)
+        words *= 2
+    return ids[:n_tokens]
+
+
+def run_ttft_bench(
+    model: str, lengths: list[int], repeats: int = 5, progress: Callable[[str], None] = print
+) -> dict[str, float]:
+    """Median TTFT per prompt length: cache off (baseline engine) vs a warm pool (connector)."""
+    prompts = {n: prompt_ids(model, n, seed=100 + n) for n in lengths}
+    result: dict[str, float] = {}
+    if _is_cpu():
+        result["cpu_reserved_cores"] = same_cpu_threads()
+    progress("starting vLLM engine (cache off)…")
+    llm = build_engine(model, connector=False, max_model_len=max(lengths) + 64)
+    base_out = {}
+    for n, ids in prompts.items():
+        ttft(llm, ids)  # warm-up of this shape
+        result[f"baseline_ttft_ms_{n}"] = 1000 * statistics.median(ttft(llm, ids)[0] for _ in range(repeats))
+        base_out[n] = generate(llm, ids).outputs[0].token_ids
+    close_engine(llm)
+    progress("starting vLLM engine (kvpool connector, embedded pool)…")
+    llm = build_engine(model, connector=True, max_model_len=max(lengths) + 64)
+    identical = True
+    for n, ids in prompts.items():
+        ttft(llm, ids)  # stores the prompt's chunks: the pool is warm from here on
+        samples = [ttft(llm, ids) for _ in range(repeats)]
+        result[f"ttft_ms_{n}"] = 1000 * statistics.median(s[0] for s in samples)
+        result[f"cached_tokens_{n}"] = samples[-1][1].num_cached_tokens
+        result[f"ratio_ttft_{n}"] = result[f"baseline_ttft_ms_{n}"] / result[f"ttft_ms_{n}"]
+        identical &= list(generate(llm, ids).outputs[0].token_ids) == list(base_out[n])
+    close_engine(llm)
+    result["outputs_identical"] = identical
+    result["connector_miss_overhead_ms"] = miss_overhead_ms()
+    return result
