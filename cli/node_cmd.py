@@ -6,8 +6,8 @@ import os
 
 import click
 
-from kvpool.cachenode.core.settings import NodeSettings
-from kvpool.cachenode.server.lookup.settings import DEFAULT_PORT as DEFAULT_LOOKUP_PORT
+from kvpool.cachenode.core.settings import LookupSettings, NodeSettings
+from kvpool.cachenode.core.settings.defaults import DEFAULT_LOOKUP_PORT
 
 from .node_options import node_options, settings_from_options, up_options
 from .options import PORT, log_level_option, option, setup_logging
@@ -64,7 +64,6 @@ def start_lookup(settings: NodeSettings, port: int, cert_file=None):
     """The lookup service of `kvpool up`, in this process: the pool's own bind address, auth and
     TLS; authoritative at once (every holder starts with it, nothing to rebuild)."""
     from kvpool.cachenode.server.lookup.server import LookupServer
-    from kvpool.cachenode.server.lookup.settings import LookupSettings
 
     lookup_settings = LookupSettings(
         host=settings.host,

@@ -1,4 +1,4 @@
-"""The flags of `kvpool node`, `kvpool up` and `kvpool agent`, generated from the settings registry,
+"""The flags of `kvpool node`, `up`, `agent` and `lookup`, generated from the settings registry,
 and NodeSettings / AgentSettings built from them (with the file reads the pure registry leaves to
 the CLI)."""
 
@@ -87,13 +87,10 @@ def shared_tier_options(func: Callable) -> Callable:
     return registry_options(s for s in registry.SETTINGS_LIST if s.group in groups and s.commands)(func)
 
 
-AUTH_TLS_SETTINGS = ("auth_token_file", "tls_cert_file", "tls_key_file")
-
-
-def auth_tls_options(func: Callable) -> Callable:
-    """The node's --auth-token-file / --tls-cert-file / --tls-key-file flags, for other servers
-    (`kvpool lookup`) that guard their ports the same way."""
-    return registry_options(registry.SETTINGS[name] for name in AUTH_TLS_SETTINGS)(func)
+def lookup_options(func: Callable) -> Callable:
+    """Every flag of the lookup service: its bind address, ports, auth and TLS (the node's
+    settings, with the lookup's defaults) and its own limits."""
+    return registry_options(registry.for_command(registry.LOOKUP), registry.LOOKUP)(func)
 
 
 def auth_tls_from_options(params: dict) -> tuple[str | None, ServerTLS | None]:

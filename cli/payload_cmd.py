@@ -1,7 +1,8 @@
 """`kvpool payload DEST`: the vLLM connector as files another Python can import (the webhook's init container).
 
 vLLM images run their own Python (3.11 to 3.14 for vLLM 0.32) with vLLM's requirements, not kvpool's. The payload is
-kvpool's pure-Python `cachenode` and `connector` packages plus the few compiled packages the
+kvpool's pure-Python `connector` with the client side of `cachenode` (its `core`, `rpc` and
+`client` layers: no server, tier or dev-tool module, docs/architecture.md) plus the few compiled packages the
 connector imports that vLLM 0.32 does not require (`EXTRA_DEPENDENCIES`), unpacked from wheels for
 every supported CPython side by side (their extension modules carry the interpreter's ABI tag, so
 each Python loads its own). The compiled KV-copy extension stays out: it is built for one Python and
@@ -10,6 +11,7 @@ one torch, and the connector copies with plain torch without it. Put DEST on `PY
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 import shutil
@@ -20,7 +22,8 @@ import click
 
 from .options import option
 
-PACKAGES = ("kvpool.cachenode", "kvpool.connector")
+PACKAGES = ("kvpool.cachenode.core", "kvpool.cachenode.rpc", "kvpool.cachenode.client", "kvpool.connector")
+"""Copied whole, with the `__init__.py` of every package above them (`kvpool.cachenode`)."""
 EXTRA_DEPENDENCIES = ("xxhash",)
 """What the connector path imports beyond vLLM 0.32's own requirements (grpcio, protobuf, numpy,
 blake3, prometheus-client, torch come with vLLM); tests/payload checks this against vLLM's metadata.
@@ -33,19 +36,24 @@ MANIFEST = "kvpool-payload.json"
 _SOURCE_SUFFIXES = (".py", ".proto", ".pyi")
 
 
-def _copy_package(name: str, dest: pathlib.Path) -> list[str]:
-    module = __import__(name, fromlist=["__path__"])
-    source = pathlib.Path(next(iter(module.__path__)))
-    target = dest / pathlib.Path(*name.split("."))
-    copied = []
-    for path in sorted(source.rglob("*")):
-        if "__pycache__" in path.parts or not path.is_file() or path.suffix not in _SOURCE_SUFFIXES:
-            continue
-        out = target / path.relative_to(source)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, out)
-        copied.append(str(out.relative_to(dest)))
-    return copied
+def _package_dir(name: str) -> pathlib.Path:
+    return pathlib.Path(next(iter(importlib.import_module(name).__path__)))
+
+
+def source_files() -> dict[str, pathlib.Path]:
+    """Payload path (`kvpool/...`) → source file, for every file the payload carries."""
+    files: dict[str, pathlib.Path] = {}
+    for name in PACKAGES:
+        parts = name.split(".")
+        for depth in range(2, len(parts)):  # the packages above it (`kvpool` is a namespace)
+            parent = ".".join(parts[:depth])
+            files[f"{parent.replace('.', '/')}/__init__.py"] = _package_dir(parent) / "__init__.py"
+        source = _package_dir(name)
+        for path in sorted(source.rglob("*")):
+            if "__pycache__" in path.parts or not path.is_file() or path.suffix not in _SOURCE_SUFFIXES:
+                continue
+            files[str(pathlib.PurePosixPath(*parts, *path.relative_to(source).parts))] = path
+    return files
 
 
 def _unpack(wheel: pathlib.Path, dest: pathlib.Path) -> None:
@@ -68,7 +76,10 @@ def build(dest: pathlib.Path, wheels: pathlib.Path) -> dict[str, object]:
         )
     dest.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(dest / "kvpool", ignore_errors=True)
-    files = [f for name in PACKAGES for f in _copy_package(name, dest)]
+    files = source_files()
+    for relative, source in files.items():
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest / relative)
     for wheel in found:
         _unpack(wheel, dest)
     manifest = {

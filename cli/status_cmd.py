@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpool.cachenode import Client, KVPoolError
-from kvpool.cachenode.client.lookup import LookupClient, NotALookupService
+from kvpool.cachenode.client.lookup import LookupClient
+from kvpool.cachenode.core.errors import NotALookupService
 from kvpool.cachenode.core.sizes import format_size
 
 from .options import option

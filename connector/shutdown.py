@@ -7,7 +7,7 @@ connector registers its ``Saver`` here; the first one installs, from the main th
 handler for SIGINT and SIGTERM that flushes every registered saver within its deadline (one log
 line each: what was stored, what was dropped) and then hands the signal to the handler installed
 before it (vLLM's), so vLLM's own shutdown still happens; and an ``atexit`` hook that does the same
-for an exit without a signal. ``KVPoolConnector.shutdown`` flushes again and closes.
+for an exit without a signal. The worker side's ``shutdown`` (worker.py) flushes again and closes.
 
 vLLM's API server gives its engine processes no time by default: with ``--shutdown-timeout 0`` it
 kills them (SIGKILL) a few milliseconds after Ctrl-C. What survives that is what was written before
@@ -52,6 +52,19 @@ def register(saver: Flushable, deadline_s: float) -> None:
             _atexit_installed = True
             atexit.register(_flush_all, "exit")
     install_handlers()
+
+
+def note_kill_deadline(grace_s: float, flush_ms: int) -> None:
+    """At start-up, when vLLM's --shutdown-timeout (``grace_s``) is shorter than the saver's flush
+    deadline: a `vllm serve` stopped by Ctrl-C or SIGTERM kills its engine before the chunks
+    still being written are, so say which flag lets them be written."""
+    if grace_s * 1000 < flush_ms:
+        log.info(
+            "kvpool: vLLM's --shutdown-timeout is %g s; a `vllm serve` stopped by Ctrl-C or SIGTERM "
+            "kills this engine before the connector can write the chunks it still holds (they are "
+            "recomputed later). Run it with --shutdown-timeout %d to let them be written.",
+            grace_s, -(-flush_ms // 1000),
+        )  # fmt: skip
 
 
 def unregister(saver: Flushable) -> None:

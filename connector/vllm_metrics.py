@@ -80,3 +80,9 @@ class KVPoolPromMetrics(KVConnectorPromMetrics):
             if name in self._hist:
                 for v in values:
                     self._hist[name].labels(*labels).observe(v)
+
+
+def take_stats() -> KVPoolConnectorStats | None:
+    """This process's connector stats since the last call, for vLLM's stats path (None: nothing)."""
+    data = metrics.STATS.take()
+    return KVPoolConnectorStats(data=data) if data else None

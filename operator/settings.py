@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from kvpool.cachenode.core import settings as registry
@@ -62,11 +62,6 @@ set them, or the pool's sizing, Services and placement would no longer match its
 SELECTOR_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
-_QUANTITY_UNITS = {
-    None: 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-    "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}  # fmt: skip
 
 
 class InvalidSpec(ValueError):
@@ -162,16 +157,11 @@ class PoolSettings:
 
 
 def parse_quantity(text: str | int | float) -> Decimal:
-    """A Kubernetes resource quantity (`4Gi`, `512M`, `1.5`) as a number."""
-    if isinstance(text, int | float):
-        return Decimal(str(text))
-    match = _QUANTITY.match(str(text).strip())
-    if not match:
+    """A Kubernetes resource quantity (`4Gi`, `512M`, `1.5`) as a number; InvalidSpec if not one."""
+    value = sizing.quantity_value(text)
+    if value is None:
         raise InvalidSpec(f"{text!r} is not a Kubernetes quantity (e.g. 4Gi, 512Mi)")
-    try:
-        return Decimal(match.group(1)) * _QUANTITY_UNITS[match.group(2)]
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
-        raise InvalidSpec(f"{text!r} is not a Kubernetes quantity") from exc
+    return value
 
 
 def _size(value: Any, field: str) -> int:

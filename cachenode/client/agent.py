@@ -24,31 +24,29 @@ import grpc
 
 from kvpool.cachenode.client import arena_file
 from kvpool.cachenode.client.arena import Region
-from kvpool.cachenode.client.connection import BadReply, translate
 from kvpool.cachenode.client.lookup import open_channel
-from kvpool.cachenode.core.errors import InvalidRequest, Unavailable
+from kvpool.cachenode.core.errors import BadReply, InvalidRequest, NotInThisPod, Unavailable
 from kvpool.cachenode.core.record import checksum
 from kvpool.cachenode.core.urls import parse_urls
 from kvpool.cachenode.core.validation import check_key, check_value_size
+from kvpool.cachenode.rpc.channels import bearer_metadata
 from kvpool.cachenode.rpc.proto import agent_pb2 as pb
 from kvpool.cachenode.rpc.proto import agent_pb2_grpc as pb_grpc
 from kvpool.cachenode.rpc.proto import kvpool_pb2, kvpool_pb2_grpc
+from kvpool.cachenode.rpc.status import translate
 
 DEFAULT_TIMEOUT_S = 10.0
 USE_WITHIN = 0.5  # of a lease's TTL
-
-
-class NotInThisPod(Unavailable):
-    """The server is an agent, but its arena file is not reachable from this process."""
 
 
 def hello(url: str, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, tls_ca_file=None):
     """The CacheNode Hello of the server at `url` (`kind` is "agent" for an agent)."""
     channel = open_channel(url, tls_ca_file)
     try:
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
         return kvpool_pb2_grpc.CacheNodeStub(channel).Hello(
-            kvpool_pb2.HelloRequest(client="kvpool-agent-client"), timeout=timeout, metadata=metadata
+            kvpool_pb2.HelloRequest(client="kvpool-agent-client"),
+            timeout=timeout,
+            metadata=bearer_metadata(token),
         )
     except grpc.RpcError as exc:
         raise translate(exc) from None
@@ -74,7 +72,7 @@ class AgentClient:
         self.url = url
         self._name = name
         self._timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._channel = open_channel(url, tls_ca_file)
         self._stub = pb_grpc.AgentStub(self._channel)
         self._node = kvpool_pb2_grpc.CacheNodeStub(self._channel)

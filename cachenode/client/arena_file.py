@@ -22,12 +22,10 @@ import os
 import re
 from pathlib import Path
 
+from kvpool.cachenode.core.errors import ArenaBusy
+
 FILE_MODE = 0o660
 """The default mode (`--arena-mode`)."""
-
-
-class ArenaBusy(OSError):
-    """Another live agent owns the arena file."""
 
 
 def arena_path(arena_dir: Path, agent_id: str) -> Path:

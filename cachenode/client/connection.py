@@ -1,8 +1,9 @@
 """`NodeConnection`: everything a client says to one node, and nothing about pools.
 
-Control calls go over gRPC; values travel on the node's lean TCP data channel (learned with one
-Hello call), received straight into the result objects; the ≤ 4 MiB-frame gRPC stream is the
-fallback when the data channel is off or unreachable. `Client` (client.py) routes keys over one
+Control calls go over gRPC (the channel from rpc/channels.py); values travel on the node's lean
+TCP data channel (datachannel.py, learned with one Hello call), received straight into the
+result objects; the ≤ 4 MiB-frame gRPC stream is the fallback when the data channel is off or
+unreachable, and NIXL (nixl.py) the fast path where it is on. `Client` (pool.py) routes keys over one
 NodeConnection per pool member; nodes use it too, to probe their peers and hand chunks over.
 
 Every reply is checked before it is believed: counts must match the request, sizes must lie
@@ -13,10 +14,7 @@ shifted value handed to the caller.
 
 from __future__ import annotations
 
-import collections
 import json
-import os
-import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -25,27 +23,20 @@ from dataclasses import dataclass
 import grpc
 
 from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer
+from kvpool.cachenode.client.datachannel import DataChannel, Value, acquire_buffer, check_sizes
 from kvpool.cachenode.client.nixl import NixlRoute
-from kvpool.cachenode.core.errors import (
-    InvalidRequest,
-    KVPoolError,
-    NodeLeaving,
-    Unauthenticated,
-    Unavailable,
-    Unreachable,
-)
+from kvpool.cachenode.core.errors import BadReply, InvalidRequest, Unavailable
 from kvpool.cachenode.core.settings import MAX_FRAME_SIZE
 from kvpool.cachenode.core.urls import format_url
 from kvpool.cachenode.core.validation import check_value_size
-from kvpool.cachenode.rpc import dataproto as dp
+from kvpool.cachenode.rpc.channels import Metadata, bearer_metadata, open_channel, trust
 from kvpool.cachenode.rpc.grpcframes import split_into_frames
 from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
 from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
-from kvpool.cachenode.rpc.tls import client_context, read_ca
+from kvpool.cachenode.rpc.status import translate
 
 DEFAULT_TIMEOUT_S = 10.0
 DATA_CONNECTIONS = 4
-READ_BUFFER = 256 * 1024
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 GRPC_MESSAGE_LIMIT = MAX_FRAME_SIZE + 64 * 1024
 MEMBER_STATES = ("starting", "ready", "leaving", "down")
@@ -54,10 +45,7 @@ RECONNECT_BACKOFF_MS = 100
 MAX_RECONNECT_BACKOFF_MS = 1000  # a DNS name (the StatefulSet pod name in Kubernetes)
 
 TRANSPORTS = ("auto", "nixl", "grpc")
-BUFFER_WAIT_S = 1.0
 DEFAULT_RECEIVE_BUFFER_BYTES = 256 * 1024 * 1024
-
-Value = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -90,75 +78,12 @@ class ConnectOptions:
             raise InvalidRequest(f"timeout must be positive, got {timeout}")
         if transport not in TRANSPORTS:
             raise InvalidRequest(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
-        root = context = None
-        if tls:
-            ca_file = tls_ca_file or os.environ.get("KVPOOL_TLS_CA_FILE") or None
-            try:
-                root = read_ca(ca_file)
-                context = client_context(ca_file)
-            except (ValueError, OSError, ssl.SSLError) as exc:
-                raise InvalidRequest(str(exc)) from None
+        root, context = trust(tls_ca_file) if tls else (None, None)
         return cls(timeout, token, use_data_channel, max(1, data_connections), tls, root, context, transport)
 
     @property
-    def metadata(self) -> tuple:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
-
-
-class _DataConnection:
-    def __init__(
-        self, host: str, port: int, token: bytes, timeout: float, tls: ssl.SSLContext | None = None
-    ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
-        self.rfile = self.sock.makefile("rb", buffering=READ_BUFFER)
-        self.sock.sendall(dp.encode_hello(token))
-        self.read_status()
-
-    def read_exact(self, n: int) -> bytes:
-        data = self.rfile.read(n)
-        if len(data) < n:
-            raise ConnectionError("data channel closed mid-response")
-        return data
-
-    def read_status(self) -> int:
-        status, count = dp.STATUS_STRUCT.unpack(self.read_exact(dp.STATUS_STRUCT.size))
-        if status != dp.STATUS_OK:
-            (length,) = dp.MSG_LEN.unpack(self.read_exact(dp.MSG_LEN.size))
-            message = self.read_exact(length).decode(errors="replace")
-            if status == dp.STATUS_INVALID:
-                raise InvalidRequest(message)
-            if status == dp.STATUS_UNAUTHENTICATED:
-                raise Unauthenticated(message)
-            if status == dp.STATUS_LEAVING:
-                raise NodeLeaving(message)
-            raise Unavailable(f"data channel: {message}")
-        return count
-
-    def close(self) -> None:
-        try:
-            self.rfile.close()
-            self.sock.close()
-        except OSError:
-            pass
-
-
-class BadReply(Unavailable):
-    """A node answered with counts or sizes that do not fit the request or its own limits."""
-
-
-def _check_sizes(sizes: Sequence[int], count: int, limit: int, where: str) -> int:
-    """Sizes of a get reply: one per key, each -1 (missing) or 0..limit; returns their sum."""
-    if len(sizes) != count:
-        raise BadReply(f"{where}: {len(sizes)} sizes for {count} keys")
-    total = 0
-    for size in sizes:
-        if size < -1 or size > limit:
-            raise BadReply(f"{where}: value size {size} outside -1..{limit}")
-        if size > 0:
-            total += size
-    return total
+    def metadata(self) -> Metadata:
+        return bearer_metadata(self.token)
 
 
 class Pending:
@@ -209,20 +134,29 @@ class NodeConnection:
             ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ]
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if options.tls:
-            if server_name and server_name != host:
-                channel_options.append(("grpc.ssl_target_name_override", server_name))
-            credentials = grpc.ssl_channel_credentials(root_certificates=options.tls_root)
-            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
+        self._channel = open_channel(
+            host,
+            port,
+            tls=options.tls,
+            options=channel_options,
+            root_certificates=options.tls_root,
+            server_name=server_name,
+        )
         self._stub = pb_grpc.CacheNodeStub(self._channel)
         self._hello: pb.HelloResponse | None = None
         self._hello_lock = threading.Lock()
-        self._idle: collections.deque[_DataConnection] = collections.deque()  # append/pop are atomic
         self._closed = False
         self._buffers = buffers or _own_buffers()
+        self._data = DataChannel(
+            host,
+            self.url,
+            self.hello,
+            self._forget_hello,
+            self._buffers,
+            timeout=options.timeout,
+            tls=options.tls_context,
+            max_idle=options.data_connections,
+        )
         self._nixl = (
             None
             if options.transport == "grpc"
@@ -239,11 +173,7 @@ class NodeConnection:
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
-        while True:
-            try:
-                self._idle.pop().close()
-            except IndexError:
-                break
+        self._data.close()
         if self._nixl is not None:
             self._nixl.close()
         self._channel.close()
@@ -259,11 +189,12 @@ class NodeConnection:
         """The node behind this address restarted: its data port and session token are new."""
         with self._hello_lock:
             self._hello = None
-        while True:
-            try:
-                self._idle.pop().close()
-            except IndexError:
-                break
+        self._data.drop_idle()
+
+    def _forget_hello(self, hello: pb.HelloResponse) -> None:
+        with self._hello_lock:
+            if self._hello is hello:
+                self._hello = None
 
     # -- calls ---------------------------------------------------------------------------
     def hello(self) -> pb.HelloResponse:
@@ -282,7 +213,7 @@ class NodeConnection:
             if self._nixl is not None and self._nixl.put_many(batch):
                 continue
             if self._data_channel_on():
-                self._with_data_connection(lambda conn, b=batch: self._put_data(conn, b))
+                self._data.put(batch)
             else:
                 self._put_grpc(batch)
 
@@ -295,7 +226,7 @@ class NodeConnection:
             if got is not None:
                 found.update(got)
             elif self._data_channel_on():
-                found.update(self._with_data_connection(lambda conn, c=chunk: self._get_data(conn, c)))
+                found.update(self._data.get(chunk))
             else:
                 found.update(self._get_grpc(chunk))
         return found
@@ -310,11 +241,11 @@ class NodeConnection:
                 chunk = list(keys[start : start + hello.max_batch_keys])
                 got = self._nixl.get_many_into(chunk) if self._nixl is not None else None
                 if got is None and self._data_channel_on():
-                    got = self._with_data_connection(lambda conn, c=chunk: self._get_into_pool(conn, c))
+                    got = self._data.get_into_pool(chunk)
                 elif got is None:
                     got = {}
                     for key, value in self._get_grpc(chunk).items():
-                        got[key] = buf = self._acquire_buffer(len(value))
+                        got[key] = buf = acquire_buffer(self._buffers, len(value))
                         buf.view[:] = value
                 found.update(got)
         except BaseException:
@@ -336,7 +267,7 @@ class NodeConnection:
                 )
             view[: len(value)] = value
             return len(value)
-        return self._with_data_connection(lambda conn: self._get_into_data(conn, key, buffer))
+        return self._data.get_into(key, buffer)
 
     def prefix_hits(self, keys: Sequence[bytes]) -> int:
         reply = self._call(self._stub.PrefixHits, pb.KeysRequest(keys=list(keys)))
@@ -434,7 +365,7 @@ class NodeConnection:
             for i, frame in enumerate(stream):
                 if i == 0:
                     sizes = list(frame.sizes)
-                    expected = _check_sizes(sizes, len(keys), limit, self.url)
+                    expected = check_sizes(sizes, len(keys), limit, self.url)
                 elif frame.sizes:
                     raise BadReply(f"{self.url}: sizes in a later get frame")
                 if len(data) + len(frame.data) > expected:
@@ -459,131 +390,6 @@ class NodeConnection:
     # -- data channel --------------------------------------------------------------------
     def _data_channel_on(self) -> bool:
         return self.options.use_data_channel and self.hello().data_port != 0
-
-    def _with_data_connection(self, operation):
-        """Run on a pooled connection; a stale pooled connection (closed by the node, e.g. after a
-        restart) is retried once on a fresh one. A timeout is not retried: the node is slow or
-        hung, and a second try would wait as long again."""
-        for attempt in (0, 1):
-            conn, reused = self._acquire()
-            try:
-                result = operation(conn)
-            except KVPoolError:
-                conn.close()
-                raise
-            except TimeoutError as exc:
-                conn.close()
-                raise Unreachable(f"data channel to {self.host}:{self.hello().data_port}: {exc}") from None
-            except (OSError, ConnectionError) as exc:
-                conn.close()
-                if reused and attempt == 0:
-                    continue
-                raise Unavailable(
-                    f"data channel to {self.host}:{self.hello().data_port} failed: {exc}"
-                ) from None
-            except BaseException:
-                conn.close()
-                raise
-            self._release(conn)
-            return result
-        raise AssertionError("unreachable")
-
-    def _acquire(self) -> tuple[_DataConnection, bool]:
-        if self._closed:
-            raise Unavailable("client is closed")
-        try:
-            return self._idle.pop(), True
-        except IndexError:
-            pass
-        for attempt in (0, 1):
-            hello = self.hello()
-            host = hello.data_host or self.host
-            try:
-                conn = _DataConnection(
-                    host, hello.data_port, hello.data_token, self.options.timeout, self.options.tls_context
-                )
-            except Unauthenticated:
-                if attempt:
-                    raise
-                with self._hello_lock:  # the node restarted at this address: new session token
-                    if self._hello is hello:
-                        self._hello = None
-                continue
-            except KVPoolError:
-                raise
-            except OSError as exc:
-                raise Unreachable(f"cannot reach data channel {host}:{hello.data_port}: {exc}") from None
-            return conn, False
-        raise AssertionError("unreachable")
-
-    def _release(self, conn: _DataConnection) -> None:
-        if len(self._idle) < self.options.data_connections and not self._closed:
-            self._idle.append(conn)
-        else:
-            conn.close()
-
-    def _put_data(self, conn: _DataConnection, items: list[tuple[bytes, Value]]) -> None:
-        views = [memoryview(v).cast("B") for _, v in items]
-        header = dp.encode_put([(k, len(v)) for (k, _), v in zip(items, views, strict=True)])
-        dp.send_buffers(conn.sock, [header, *views])
-        stored = conn.read_status()
-        if stored != len(items):
-            raise BadReply(f"{self.url}: stored {stored} of {len(items)} values")
-
-    def _read_sizes(self, conn: _DataConnection, count: int) -> tuple[int, ...]:
-        got = conn.read_status()
-        if got != count:
-            raise BadReply(f"{self.url}: {got} sizes for {count} keys")
-        sizes = dp.parse_sizes(conn.read_exact(count * dp.SIZE.size), count)
-        _check_sizes(sizes, count, self.hello().max_value_size, self.url)
-        return sizes
-
-    def _acquire_buffer(self, size: int) -> PooledBuffer:
-        try:
-            buf = self._buffers().acquire(size, timeout=BUFFER_WAIT_S)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        if buf is None:
-            raise Unavailable("receive buffers stayed full: release the buffers get_many_into returned")
-        return buf
-
-    def _get_into_pool(self, conn: _DataConnection, keys: list[bytes]) -> dict[bytes, PooledBuffer]:
-        conn.sock.sendall(dp.encode_get(keys))
-        sizes = self._read_sizes(conn, len(keys))
-        found: dict[bytes, PooledBuffer] = {}
-        try:
-            for key, size in zip(keys, sizes, strict=True):
-                if size >= 0:
-                    found[key] = buf = self._acquire_buffer(size)  # an error drops the connection
-                    if size and conn.rfile.readinto(buf.view) != size:
-                        raise ConnectionError("data channel closed mid-value")
-        except BaseException:
-            for buf in found.values():
-                buf.release()
-            raise
-        return found
-
-    def _get_data(self, conn: _DataConnection, keys: list[bytes]) -> dict[bytes, bytes]:
-        conn.sock.sendall(dp.encode_get(keys))
-        sizes = self._read_sizes(conn, len(keys))
-        found: dict[bytes, bytes] = {}
-        for key, size in zip(keys, sizes, strict=True):
-            if size >= 0:
-                found[key] = conn.read_exact(size)
-        return found
-
-    def _get_into_data(self, conn: _DataConnection, key: bytes, buffer) -> int | None:
-        conn.sock.sendall(dp.encode_get([key]))
-        (size,) = self._read_sizes(conn, 1)
-        if size < 0:
-            return None
-        view = memoryview(buffer).cast("B")
-        if len(view) < size:  # the unread value stays on this connection, which is dropped with the error
-            raise InvalidRequest(f"buffer of {len(view)} bytes is too small for a {size}-byte value")
-        got = conn.rfile.readinto(view[:size])
-        if got != size:
-            raise ConnectionError("data channel closed mid-value")
-        return size
 
 
 def check_member(member: pb.Member, where: str) -> None:
@@ -611,30 +417,6 @@ def _batches(items: list[tuple[bytes, Value]], max_keys: int):
         size += n
     if batch:
         yield batch
-
-
-def translate(exc: grpc.RpcError) -> KVPoolError:
-    code = exc.code() if hasattr(exc, "code") else None
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
-    if code in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-    ):
-        return InvalidRequest(detail)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return Unauthenticated(detail)
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return Unimplemented(detail)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return NodeLeaving(detail)
-    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-        return Unreachable(f"{code.name}: {detail}")
-    return Unavailable(f"{code.name if code else 'error'}: {detail}")
-
-
-class Unimplemented(Unavailable):
-    """The server does not offer this call (an older node, or an agent without Members)."""
 
 
 def _own_buffers() -> Callable[[], BufferPool]:

@@ -3,48 +3,36 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 import grpc
 
-from kvpool.cachenode.client.connection import translate
-from kvpool.cachenode.core.errors import InvalidRequest, Unavailable
+from kvpool.cachenode.core.errors import NotALookupService, Unimplemented
 from kvpool.cachenode.core.holders import HolderInfo
-from kvpool.cachenode.core.urls import parse_url
+from kvpool.cachenode.core.located import HolderMatch, Located, Score
 from kvpool.cachenode.rpc import lookup_wire as wire
+from kvpool.cachenode.rpc.channels import bearer_metadata, open_url
 from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
 from kvpool.cachenode.rpc.proto import lookup_pb2_grpc as pb_grpc
-from kvpool.cachenode.rpc.tls import read_ca
-from kvpool.cachenode.server.lookup.index import HolderMatch, Located, Score
+from kvpool.cachenode.rpc.status import translate
 
 DEFAULT_TIMEOUT_S = 5.0
 MESSAGE_LIMIT = 16 * 1024 * 1024
 RECONNECT_BACKOFF_MAX_MS = 1000
-
-
-class NotALookupService(Unavailable):
-    """The server at the URL answers, but it is not a lookup service (e.g. a cache node)."""
+# Shared by the clients of small control services (lookup, publisher, agent).
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    # Holders must find a restarted service within a fraction of their lease.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+)
 
 
 def open_channel(url: str, tls_ca_file: str | None = None) -> grpc.Channel:
     """A channel to grpc://host:port or grpcs://host:port (CA: `tls_ca_file`, KVPOOL_TLS_CA_FILE,
     else the system roots)."""
-    host, port, tls = parse_url(url)
-    options = [
-        ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-        ("grpc.max_send_message_length", MESSAGE_LIMIT),
-        # Holders must find a restarted service within a fraction of their lease.
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
-    ]
-    if not tls:
-        return grpc.insecure_channel(f"{host}:{port}", options=options)
-    try:
-        root = read_ca(tls_ca_file or os.environ.get("KVPOOL_TLS_CA_FILE") or None)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
-    return grpc.secure_channel(f"{host}:{port}", grpc.ssl_channel_credentials(root), options=options)
+    return open_url(url, CHANNEL_OPTIONS, tls_ca_file)
 
 
 def holder_info(message: pb.LookupHolder) -> HolderInfo:
@@ -71,7 +59,7 @@ class LookupClient:
     ) -> None:
         self.url = url
         self._timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._channel = open_channel(url, tls_ca_file)
         self._stub = pb_grpc.LookupStub(self._channel)
 
@@ -112,6 +100,7 @@ class LookupClient:
         try:
             return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise NotALookupService(f"{self.url} does not serve kvpool.v1.Lookup") from None
-            raise translate(exc) from None
+            error = translate(exc)
+        if isinstance(error, Unimplemented):
+            raise NotALookupService(f"{self.url} does not serve kvpool.v1.Lookup") from None
+        raise error from None

@@ -27,13 +27,19 @@ from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer
 from kvpool.cachenode.client.nixl_common import (
     MEM_TYPE,
     Agent,
-    NixlUnavailable,
     has_rdma,
     locality,
     release_message,
 )
 from kvpool.cachenode.core import metrics
-from kvpool.cachenode.core.errors import KVPoolError, NodeLeaving, Unavailable, Unreachable
+from kvpool.cachenode.core.errors import (
+    KVPoolError,
+    NixlFailed,
+    NixlRequired,
+    NixlUnavailable,
+    NodeLeaving,
+    Unreachable,
+)
 from kvpool.cachenode.core.record import checksum
 from kvpool.cachenode.rpc.proto import nixl_pb2 as pb
 from kvpool.cachenode.rpc.proto import nixl_pb2_grpc as pb_grpc
@@ -48,19 +54,6 @@ BUFFER_WAIT_S = 1.0
 SHARED_MEMORY = "shared memory (same host)"
 RDMA = "RDMA"
 UCX_TCP = "UCX over TCP"
-
-
-class NixlRequired(Unavailable):
-    """transport="nixl" and NIXL could not do the request: the caller asked for no fallback.
-    Not a sign that the node is down (a pool client does not mark it so)."""
-
-
-class NixlFailed(KVPoolError):
-    """A NIXL request did not complete; ``reason`` is a short label for metrics."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,11 @@ import threading
 import uuid
 from types import ModuleType
 
+from kvpool.cachenode.core.errors import NixlUnavailable
+
 BACKEND = "UCX"
 MEM_TYPE = "DRAM"
 RELEASE_PREFIX = b"kvpool-release:"
-
-
-class NixlUnavailable(RuntimeError):
-    """The nixl package is missing or its UCX backend cannot start here."""
 
 
 @functools.cache

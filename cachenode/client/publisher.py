@@ -23,15 +23,16 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvpool.cachenode.client.connection import translate
 from kvpool.cachenode.client.lookup import open_channel
+from kvpool.cachenode.core import metrics
 from kvpool.cachenode.core.errors import KVPoolError
 from kvpool.cachenode.core.holders import HolderInfo
 from kvpool.cachenode.core.record import MAX_KEY_SIZE
 from kvpool.cachenode.rpc import lookup_wire as wire
+from kvpool.cachenode.rpc.channels import bearer_metadata
 from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
 from kvpool.cachenode.rpc.proto import lookup_pb2_grpc as pb_grpc
-from kvpool.cachenode.server.lookup import metrics
+from kvpool.cachenode.rpc.status import translate
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Publisher:
         self._max_pending = max_pending
         self._heartbeat_interval = heartbeat_interval
         self._timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._channel = open_channel(url, tls_ca_file)
         self._stub = pb_grpc.LookupStub(self._channel)
         self.url = url

@@ -1,4 +1,5 @@
-"""Circuit breaker for a shared tier: stop paying timeouts to a tier that is down or slow.
+"""Circuit breaker: stop paying timeouts to something that is down or slow (a shared tier, a peer,
+a pool member, the connector's pool).
 
 Pure logic with an injectable clock, so every transition is tested without sleeping.
 
@@ -12,6 +13,10 @@ half_open  exactly one probe call is allowed; its success closes the breaker, it
 Why consecutive failures rather than an error rate: a shared tier either answers or it does not;
 one success means the path works again, and a short run of failures is the cheapest signal that
 it does not. Each reopening doubles the wait (capped) so a long outage costs few probes.
+
+Failures may be counted by kind of call (`record_failure("get")`): a pool whose lookups answer
+but whose reads keep timing out must still open the breaker, so a success of one kind resets only
+that kind's run. Without a kind, every call counts as one kind.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class CircuitBreaker:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._state = State.CLOSED
-        self._failures = 0
+        self._failures: dict[str, int] = {}  # kind of call -> consecutive failures
         self._opened_at = 0.0
         self._wait = reset_timeout
         self._probe_started: float | None = None
@@ -89,31 +94,34 @@ class CircuitBreaker:
             start = self._opened_at if self._state is State.OPEN else (self._probe_started or now)
             return max(0.0, start + self._wait - now)
 
-    def record_success(self) -> None:
+    def record_success(self, kind: str = "") -> None:
         with self._lock:
-            self._failures = 0
+            self._failures.pop(kind, None)
             self._probe_started = None
             self._wait = self.reset_timeout
             if self._state is not State.CLOSED:
                 self._set(State.CLOSED)
 
-    def record_failure(self) -> None:
+    def record_failure(self, kind: str = "") -> bool:
+        """Count a failure; True when it opened a closed breaker (a new outage, not a failed probe)."""
         with self._lock:
             now = self._clock()
             if self._state is State.HALF_OPEN:
                 self._wait = min(self._wait * 2, self.max_reset_timeout)
                 self._open(now)
-                return
+                return False
             if self._state is State.OPEN:
-                return  # a call that started before the breaker opened; nothing new learned
-            self._failures += 1
-            if self._failures >= self.failure_threshold:
+                return False  # a call that started before the breaker opened; nothing new learned
+            self._failures[kind] = self._failures.get(kind, 0) + 1
+            if self._failures[kind] >= self.failure_threshold:
                 self._open(now)
+                return True
+            return False
 
     def _open(self, now: float) -> None:
         self._opened_at = now
         self._probe_started = None
-        self._failures = 0
+        self._failures.clear()
         self._set(State.OPEN)
 
     def _set(self, state: State) -> None:

@@ -118,3 +118,14 @@ AGENT_WRITE_THROUGH = Counter(
     "Chunks an agent queued for the cache nodes, and what became of them",
     ["result"],
 )
+
+# The lookup service's holder side (an agent or a node that publishes into the index).
+PUBLISHER_EVENTS = Counter("kvpool_lookup_publisher_events_total", "Events this holder had acknowledged")
+PUBLISHER_RESYNCS = Counter("kvpool_lookup_publisher_resyncs_total", "Snapshots this holder sent")
+PUBLISHER_OVERFLOWS = Counter(
+    "kvpool_lookup_publisher_overflows_total",
+    "Times more events waited than the publisher keeps (they were replaced by a snapshot)",
+)
+PUBLISHER_ERRORS = Counter(
+    "kvpool_lookup_publisher_errors_total", "Failed calls to the lookup service (retried)"
+)

@@ -14,15 +14,13 @@ from dataclasses import dataclass
 
 import xxhash
 
+from kvpool.cachenode.core.errors import RecordError
+
 MAGIC = b"KVPR"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHQQ")
 HEADER_SIZE = HEADER.size
 MAX_KEY_SIZE = 64
-
-
-class RecordError(ValueError):
-    """A record failed verification: wrong magic, version, key, length or checksum."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,10 @@ from kvpool.cachenode.core.fingerprint import fingerprints
 from kvpool.cachenode.core.holders import KINDS, HolderInfo
 from kvpool.cachenode.core.record import MAX_KEY_SIZE
 from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
-from kvpool.cachenode.server.lookup.settings import MAX_ADDRESS, MAX_HOLDER_ID, MAX_TIER
+
+MAX_HOLDER_ID = 253  # a DNS name: pod names and node ids fit
+MAX_TIER = 32
+MAX_ADDRESS = 512
 
 _NO_FPS = np.empty(0, np.uint64)
 

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from kvpool.cachenode.client.connection import ConnectOptions, NodeConnection, NodeLeaving
+from kvpool.cachenode.client.connection import ConnectOptions, NodeConnection
 from kvpool.cachenode.client.members import MemberInfo
 from kvpool.cachenode.core import metrics
-from kvpool.cachenode.core.errors import KVPoolError
+from kvpool.cachenode.core.errors import KVPoolError, NodeLeaving
 from kvpool.cachenode.core.placement import Placement
 
 log = logging.getLogger(__name__)

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvpool.cachenode.core import metrics
-from kvpool.cachenode.core.errors import CorruptData, InvalidRequest, KVPoolError
+from kvpool.cachenode.core.errors import CorruptData, InvalidRequest, LeaseGone, NoRoom
 from kvpool.cachenode.core.record import checksum
 from kvpool.cachenode.core.validation import check_key
-from kvpool.cachenode.server.tiers.arena_memory import NoRoom
 
 if TYPE_CHECKING:
     from kvpool.cachenode.server.tiers.arena_memory import ArenaBuffer
@@ -50,10 +49,6 @@ _COUNTERS = {
     "nixl": (metrics.NIXL_LEASES, metrics.NIXL_LEASES_EXPIRED),
     "arena": (metrics.ARENA_LEASES, metrics.ARENA_LEASES_EXPIRED),
 }
-
-
-class LeaseGone(KVPoolError):
-    """The lease expired, was released, or its token is wrong."""
 
 
 @dataclass

@@ -20,12 +20,11 @@ import grpc
 
 from kvpool.cachenode.client.nixl_common import BACKEND, Agent, has_rdma, locality, parse_release
 from kvpool.cachenode.core import metrics
-from kvpool.cachenode.core.errors import CorruptData, InvalidRequest
+from kvpool.cachenode.core.errors import CorruptData, InvalidRequest, LeaseGone, NoRoom
 from kvpool.cachenode.core.validation import check_keys, check_value_size
 from kvpool.cachenode.rpc.proto import nixl_pb2 as pb
 from kvpool.cachenode.rpc.proto import nixl_pb2_grpc as pb_grpc
-from kvpool.cachenode.server.nixl_leases import LeaseGone, TransferLeases
-from kvpool.cachenode.server.tiers.arena_memory import NoRoom
+from kvpool.cachenode.server.nixl_leases import TransferLeases
 
 if TYPE_CHECKING:
     from kvpool.cachenode.server.tiers.store import TieredStore

@@ -18,8 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvpool.cachenode.client import members as ms
 from kvpool.cachenode.client.connection import ConnectOptions
-from kvpool.cachenode.client.nixl_common import NixlUnavailable
-from kvpool.cachenode.core.errors import KVPoolError
+from kvpool.cachenode.core.errors import KVPoolError, NixlUnavailable
 from kvpool.cachenode.core.placement import Placement
 from kvpool.cachenode.core.settings import DEFAULT_GRPC_PORT, MAX_FRAME_SIZE, NodeSettings
 from kvpool.cachenode.core.sizes import format_size
@@ -32,7 +31,7 @@ from kvpool.cachenode.server.httpserver import HealthServer
 from kvpool.cachenode.server.nixl_server import NixlEndpoint, NixlService
 from kvpool.cachenode.server.peers import PROBE_TIMEOUT_S, PeerTracker
 from kvpool.cachenode.server.service import CacheNodeService
-from kvpool.cachenode.server.tiers.shared_config import build_shared_tiers
+from kvpool.cachenode.server.tiers.shared_factory import build_shared_tiers
 from kvpool.cachenode.server.tiers.store import TieredStore
 
 if TYPE_CHECKING:

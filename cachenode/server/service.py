@@ -6,27 +6,49 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from kvpool.cachenode.core import metrics
-from kvpool.cachenode.core.errors import InvalidRequest
+from kvpool.cachenode.core.errors import InvalidRequest, NodeLeaving
 from kvpool.cachenode.core.leases import MAX_TTL_S
 from kvpool.cachenode.core.settings import MAX_FRAME_SIZE
 from kvpool.cachenode.core.validation import check_keys, check_value_size
 from kvpool.cachenode.rpc.grpcframes import split_into_frames
 from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
 from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.cachenode.rpc.status import abort
 
 if TYPE_CHECKING:
-    from kvpool.cachenode.server.node import CacheNode
+    from kvpool.cachenode.core.settings import NodeSettings
+    from kvpool.cachenode.server.peers import PeerTracker
+    from kvpool.cachenode.server.tiers.store import TieredStore
+
+
+class ServedNode(Protocol):
+    """What the service needs of the node it serves (``node.CacheNode``, which builds the service:
+    naming the class here would tie the two modules into a cycle)."""
+
+    store: TieredStore
+    settings: NodeSettings
+    node_id: str
+    version: str
+    kind: str
+    data_port: int
+    data_token: bytes
+    max_request_bytes: int
+    peers: PeerTracker | None
+
+    def put_refusal(self) -> str | None: ...
+    def stats(self) -> dict: ...
+
 
 log = logging.getLogger(__name__)
 
 
 class CacheNodeService(pb_grpc.CacheNodeServicer):
-    def __init__(self, node: CacheNode) -> None:
+    def __init__(self, node: ServedNode) -> None:
         self._node = node
         self._store = node.store
         self._settings = node.settings
@@ -51,9 +73,11 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
         if request.lease_ms:
             if request.lease_ms > MAX_TTL_S * 1000:
                 metrics.ERRORS.labels("grpc_invalid").inc()
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"lease_ms {request.lease_ms} exceeds the limit of {MAX_TTL_S * 1000:.0f}",
+                abort(
+                    context,
+                    InvalidRequest(
+                        f"lease_ms {request.lease_ms} exceeds the limit of {MAX_TTL_S * 1000:.0f}"
+                    ),
                 )
             count, lease_id = self._store.lease_prefix(
                 keys, request.lease_ms / 1000, request.lease_id or None
@@ -95,7 +119,7 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
         started = time.perf_counter()
         refused = self._node.put_refusal()
         if refused:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refused)
+            abort(context, NodeLeaving(refused))
         frames = iter(request_iterator)
         first = next(frames, None)
         if first is None:
@@ -113,7 +137,7 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
                 )
         except InvalidRequest as exc:
             metrics.ERRORS.labels("grpc_invalid").inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort(context, exc)
         buffers = [self._store.allocate(size) for _, size in entries]  # L1 ranges, stored as they are
         buffers = [bytearray(size) if b is None else b for b, (_, size) in zip(buffers, entries, strict=True)]
         index, offset = 0, 0
@@ -142,7 +166,7 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
                 raise InvalidRequest(f"put stream ended after {received} of {total} announced bytes")
         except InvalidRequest as exc:
             metrics.ERRORS.labels("grpc_invalid").inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort(context, exc)
         self._store.put_many(list(zip(keys, buffers, strict=True)))  # the store owns the buffers now
         metrics.REQUESTS.labels("put", "grpc").inc()
         metrics.BYTES_IN.labels("grpc").inc(total)
@@ -172,5 +196,5 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
             check_keys(keys, self._settings.max_batch_keys)
         except InvalidRequest as exc:
             metrics.ERRORS.labels("grpc_invalid").inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort(context, exc)
         return keys

@@ -129,7 +129,8 @@ def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
 
 def available() -> str | None:
     """Why NIXL cannot be benchmarked here, or None."""
-    from kvpool.cachenode.client.nixl_common import NixlUnavailable, load_nixl
+    from kvpool.cachenode.client.nixl_common import load_nixl
+    from kvpool.cachenode.core.errors import NixlUnavailable
 
     try:
         load_nixl()

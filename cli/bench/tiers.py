@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 
 import click
 
+from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
 from kvpool.cachenode.core.sizes import format_size, parse_size
-from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
 from kvpool.cli.devtools.local_servers import moto_server, valkey_server
 
 from ..node_options import shared_tier_options

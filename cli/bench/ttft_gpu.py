@@ -6,7 +6,7 @@ first token with the cache off, KV written into a paged cache as vLLM keeps it (
 ``[blocks, heads, block tokens, 2·head dim]`` view, NHD pages). With a warm cache, the same
 prompt's KV sits in host memory as kvpool chunks (chunkfmt values in pinned, page-aligned buffers,
 written by the connector's ``Saver``); the first token then costs the connector's load
-(``transfer.Loader``: verify every chunk, scatter all layers per chunk into the paged cache with
+(``loader.Loader``: verify every chunk, scatter all layers per chunk into the paged cache with
 the copy kernel reading the pinned buffers) plus one decode step over the loaded KV.
 
     ratio_gpu_ttft_N = baseline_gpu_prefill_ms_N / (gpu_load_ms_N + gpu_decode_ms_N)
@@ -175,7 +175,7 @@ class HostChunks:
         self.values: dict[bytes, object] = {}
 
     def get_many_into(self, keys: Sequence[bytes]):
-        from kvpool.connector.backend import Borrowed
+        from kvpool.connector.pools import Borrowed
 
         return [Borrowed(self.values[k].view) if k in self.values else None for k in keys]
 
@@ -216,8 +216,10 @@ def measure_length(
     """Prefill vs (load + one decode step) for one prompt length; every figure a median."""
     from kvpool.connector import chunkfmt
     from kvpool.connector.backend import SafePool
+    from kvpool.connector.loader import Loader, LoadJob
     from kvpool.connector.paged import LAYOUTS
-    from kvpool.connector.transfer import Loader, LoadJob, PagedCache, Saver
+    from kvpool.connector.saver import Saver
+    from kvpool.connector.transfer import PagedCache
 
     s, device = model.s, model.device
     chunks = tokens // CHUNK
@@ -243,7 +245,7 @@ def measure_length(
 
     per = CHUNK // BLOCK
     host = HostChunks(chunks * -(-spec(keys[0]).encoded_size // 4096) * 4096)
-    pool = SafePool(host, sync_writes=True)
+    pool = SafePool(host)
     saver = Saver(cache, pool, budget=host.buffers.capacity)
     saver.save("bench", [(spec(k), kv.block_ids[i * per : (i + 1) * per]) for i, k in enumerate(keys)])
     saver.close()  # the chunks are in host memory now

@@ -108,9 +108,10 @@ def miss_overhead_ms(n_tokens: int = 4096, repeats: int = 200) -> float:
     import multiprocessing
     import random
 
-    from kvpool.connector.backend import RendezvousPool, SafePool, rendezvous_path
+    from kvpool.cachenode.core.settings import ConnectorSettings
+    from kvpool.connector.backend import SafePool, rendezvous_path
     from kvpool.connector.keys import ModelFingerprint, chunk_keys
-    from kvpool.connector.settings import ConnectorSettings
+    from kvpool.connector.pools import RendezvousPool
 
     engine = f"bench-{os.getpid()}"
     path = rendezvous_path(engine)

@@ -12,9 +12,10 @@ import grpc
 import pytest
 
 from kvpool.cachenode.client.agent import AgentClient
-from kvpool.cachenode.client.arena_file import ArenaBusy, arena_path
+from kvpool.cachenode.client.arena_file import arena_path
 from kvpool.cachenode.client.lookup import open_channel
 from kvpool.cachenode.core import settings as registry
+from kvpool.cachenode.core.errors import ArenaBusy
 from kvpool.cachenode.core.record import checksum
 from kvpool.cachenode.rpc.proto import agent_pb2 as pb
 from kvpool.cachenode.rpc.proto import agent_pb2_grpc as pb_grpc

@@ -17,8 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kvpool.cli.devtools import rbac
 from kvpool.cli.main import cli
-from kvpool.operator import rbac, settings
+from kvpool.operator import settings
 from kvpool.operator.naming import VERSION_TAG
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from kvpool.cachenode import Unauthenticated
+from kvpool.cachenode.core.settings import load_settings
 from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector.backend import bearer_token, open_pool
-from kvpool.connector.settings import load_settings
 
 KEY, VALUE = b"k" * 32, b"chunk bytes"
 

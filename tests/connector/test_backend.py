@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+from kvpool.cachenode.core.settings import load_settings
 from kvpool.connector import metrics
-from kvpool.connector.backend import RendezvousPool, SafePool, open_pool
-from kvpool.connector.settings import load_settings
+from kvpool.connector.backend import SafePool, open_pool
+from kvpool.connector.pools import RendezvousPool
 
 
 class _Boom:
@@ -27,7 +28,7 @@ class _Boom:
 
 def test_failures_are_misses_and_counted():
     before = metrics.STATS.totals["errors"]
-    pool = SafePool(_Boom(), sync_writes=True)
+    pool = SafePool(_Boom())
     assert pool.prefix_hits([b"k" * 32]) == 0
     assert pool.get_many([b"k" * 32, b"j" * 32]) == [None, None]
     assert pool.put_many([(b"k" * 32, b"v")]) is False
@@ -128,3 +129,27 @@ def test_stats_take_and_merge():
     assert st.take() is None
     merged = metrics.merge(a, a)
     assert merged["counts"]["hit_tokens"] == 512 and len(merged["latencies"]["load_seconds"]) == 2
+
+
+def test_an_install_without_the_embedded_pool_says_to_set_the_url(monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kvpool.cachenode.server.embedded", None)  # as in a vLLM pod's payload
+    with caplog.at_level("WARNING", logger="kvpool"):
+        pool = open_pool(
+            None, memory_bytes=1 << 20, disk_dir=None, disk_bytes=0, timeout_s=1, engine_id="t-none"
+        )
+    assert pool.pool is None and pool.prefix_hits([b"k" * 32]) == 0
+    assert any("no embedded pool in this install; set KVPOOL_URL" in r.getMessage() for r in caplog.records)
+
+
+def test_the_breaker_probes_the_pool_again_after_breaker_s():
+    boom = _Boom()
+    pool = SafePool(boom, breaker_failures=2, breaker_s=0.05)
+    for _ in range(3):
+        pool.prefix_hits([b"k" * 32])
+    assert boom.calls == 2
+    time.sleep(0.06)
+    pool.prefix_hits([b"k" * 32])  # the probe, which fails: skipped again
+    pool.prefix_hits([b"k" * 32])
+    assert boom.calls == 3

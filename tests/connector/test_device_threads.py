@@ -18,8 +18,10 @@ import torch
 from kvpool.cachenode.client import buffers
 from kvpool.cachenode.client.buffers import BufferPool
 from kvpool.connector import chunkfmt, transfer
+from kvpool.connector.loader import PARALLEL_VERIFY_BYTES, Loader, LoadJob
 from kvpool.connector.paged import LAYOUTS
-from kvpool.connector.transfer import Loader, LoadJob, PagedCache, Saver
+from kvpool.connector.saver import Saver
+from kvpool.connector.transfer import PagedCache
 
 # chunks of 1 MiB (PARALLEL_VERIFY_BYTES), so that a window of them is verified on the verify threads
 L, H, D, N, C = 4, 4, 64, 16, 256
@@ -38,7 +40,7 @@ def _spec(key: bytes) -> chunkfmt.ChunkSpec:
 
 
 def test_loader_saver_and_verify_threads_select_the_workers_device_first(monkeypatch, embedded):
-    assert _spec(b"k" * 32).payload_size >= transfer.PARALLEL_VERIFY_BYTES
+    assert _spec(b"k" * 32).payload_size >= PARALLEL_VERIFY_BYTES
     seen: list[tuple[str, torch.device]] = []
     monkeypatch.setattr(transfer, "bind_device", lambda d: seen.append((threading.current_thread().name, d)))
     src, dst = _cache(1), _cache(2)

@@ -75,7 +75,7 @@ IDENTITY = {"weights": "blake3:test-weights", "vllm_version": "0.32.0", "torch_v
 
 def _report(tp_rank: int, identity: dict | None = None, **kw):
     """A worker's report; ``identity`` entries replace those of IDENTITY."""
-    from kvpool.connector.vllm import WorkerReport
+    from kvpool.connector.metadata import WorkerReport
 
     fields = dict(
         tp_rank=tp_rank, pp_rank=0, refusals=[], backend="CPU_ATTN", layout="cpu",
@@ -150,7 +150,7 @@ class Harness:
         """Both workers' reports for ``meta``'s step, aggregated as vLLM does, then seen by the
         scheduler. ``failed_by_rank[r]`` = {request: first chunk that failed on worker r};
         ``finished_recving``: background loads every worker reported done."""
-        from kvpool.connector.vllm import KVPoolWorkerMeta
+        from kvpool.connector.metadata import KVPoolWorkerMeta
 
         reports = [KVPoolWorkerMeta(step=meta.step, failed=dict(f)) for f in failed_by_rank]
         agg = reports[0]
@@ -172,9 +172,9 @@ def _saved(meta, req_id: str) -> list[int]:
 
 def _put_chunks(h: Harness, r: Request, n: int) -> None:
     """Chunks [0, n) of ``r`` for both ranks, as a previous engine would have stored them."""
-    st = h.conn._state(r)
+    st = h.conn.scheduler._state(r)
     if st.keys is None:  # hashed by the first lookup; here before it
-        h.conn._hash_keys(st, r)
+        h.conn.scheduler._hash_keys(st, r)
     h.pool.put_many([(st.keys[rank][i], b"kv") for i in range(n) for rank in (0, 1)])
 
 
@@ -312,11 +312,11 @@ def test_the_cache_stays_off_until_every_worker_has_reported(config):
     r = Request("x", ids(330, 9), SamplingParams(max_tokens=1), None)
     assert conn.get_num_new_matched_tokens(r, 0) == (0, False)  # no report yet
     conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0)})  # worker 1 missing
-    assert conn._enabled is False
+    assert conn.scheduler.enabled is False
     conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0), (0, 1): _report(1, refusals=["MLA"])})
-    assert conn._enabled is False
+    assert conn.scheduler.enabled is False
     conn.set_xfer_handshake_metadata_pp_aware({(0, 0): _report(0), (0, 1): _report(1)})
-    assert conn._enabled is True
+    assert conn.scheduler.enabled is True
 
 
 def test_a_report_without_a_weights_digest_turns_the_cache_off(config):
@@ -329,14 +329,14 @@ def test_a_report_without_a_weights_digest_turns_the_cache_off(config):
     conn.set_xfer_handshake_metadata_pp_aware(
         {(0, 0): _report(0), (0, 1): _report(1, identity={"weights": ""})}
     )
-    assert conn._enabled is False
+    assert conn.scheduler.enabled is False
 
 
 def test_the_fingerprint_is_the_reported_identity_not_the_model_path(config):
     import dataclasses
 
-    from kvpool.connector.settings import load_settings
-    from kvpool.connector.vllm import fingerprint_for
+    from kvpool.cachenode.core.settings import load_settings
+    from kvpool.connector.engine_config import fingerprint_for
 
     cfg = config(2)
     s = load_settings({"chunk_size": C})
@@ -364,8 +364,8 @@ def test_a_worker_that_cannot_tell_its_rank_turns_the_cache_off(config):
     from kvpool.connector.vllm import KVPoolConnector
 
     conn = KVPoolConnector(config(2), KVConnectorRole.WORKER)
-    assert any("rank is unknown" in r for r in conn._refusals)
-    assert conn._pool.pool is None  # no pool opened, nothing loaded or stored
+    assert any("rank is unknown" in r for r in conn.worker._refusals)
+    assert conn.worker._pool.pool is None  # no pool opened, nothing loaded or stored
 
 
 def test_background_loads_go_out_before_the_request_is_scheduled_and_failures_still_roll_back(config):
@@ -438,7 +438,7 @@ def test_a_slow_pool_never_holds_up_a_scheduling_step(config):
 def _count_lookups(h: Harness) -> list[int]:
     """The number of keys of every lookup the connector sends to its pool, from now on."""
     calls: list[int] = []
-    inner = h.conn._pool.pool
+    inner = h.conn.scheduler._pool.pool
     ask = inner.lease_prefix
 
     def counted(keys, lease_ms):
@@ -526,14 +526,15 @@ def test_fp8_kv_without_known_scales_is_refused_not_shared(config):
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from kvpool.connector.vllm import KVPoolConnector
+    from kvpool.connector.worker_report import kv_quant
 
     cfg = config(2)
     cfg.cache_config.cache_dtype = "fp8"
     conn = KVPoolConnector(cfg, KVConnectorRole.WORKER)
     layer = "model.layers.0.self_attn.attn"
     conn.register_kv_caches({layer: torch.zeros(4, 2, BS, 64, dtype=torch.uint8)})
-    assert any("without known k/v scales" in r for r in conn._report.refusals)
-    assert conn._report.kv_quant == "" and conn._enabled is False
+    assert any("without known k/v scales" in r for r in conn.worker.report.refusals)
+    assert conn.worker.report.kv_quant == "" and conn.worker.enabled is False
 
     class Attn(torch.nn.Module):
         kv_cache_dtype = "fp8"
@@ -546,7 +547,7 @@ def test_fp8_kv_without_known_scales_is_refused_not_shared(config):
     digests = []
     for k in (1.0, 0.5):
         cfg.compilation_config.static_forward_context[layer] = Attn(k)
-        digests.append(conn._kv_quant())
+        digests.append(kv_quant(cfg, [layer]))
     assert None not in digests and digests[0] != digests[1]
 
 
@@ -557,21 +558,21 @@ def test_request_keys_are_hashed_once_in_a_lookup_thread(config):
 
     h = Harness(config)
     threads: list[str] = []
-    hash_keys = h.conn._hash_keys
+    hash_keys = h.conn.scheduler._hash_keys
 
     def recorded(st, request):
         threads.append(threading.current_thread().name)
         return hash_keys(st, request)
 
-    h.conn._hash_keys = recorded
+    h.conn.scheduler._hash_keys = recorded
     r = h.request("threaded", ids(330, 50))
-    assert h.conn._state(r).keys is None
+    assert h.conn.scheduler._state(r).keys is None
     h.lookup(r)
-    h.conn._drop_lease(h.conn._state(r))
-    h.conn._state(r).lease = None
+    h.conn.scheduler._drop_lease(h.conn.scheduler._state(r))
+    h.conn.scheduler._state(r).lease = None
     h.lookup(r)  # a second lookup (the lease is gone): the keys are reused
     assert len(threads) == 1 and threads[0].startswith("kvpool-lookup")
-    assert len(h.conn._state(r).keys[0]) == 5
+    assert len(h.conn.scheduler._state(r).keys[0]) == 5
 
 
 @pytest.mark.parametrize(("shutdown_timeout", "told"), [(0, True), (10, False)])

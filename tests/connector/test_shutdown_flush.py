@@ -19,11 +19,12 @@ import time
 import pytest
 import torch
 
+from kvpool.cachenode.core.settings import load_settings
 from kvpool.connector import chunkfmt
 from kvpool.connector.backend import SafePool
 from kvpool.connector.paged import LAYOUTS
-from kvpool.connector.settings import load_settings
-from kvpool.connector.transfer import PagedCache, Saver
+from kvpool.connector.saver import Saver
+from kvpool.connector.transfer import PagedCache
 
 L, H, D, N, C = 2, 2, 16, 8, 32  # layers, kv heads, head dim, block tokens, chunk tokens
 FP = b"f" * 32
@@ -143,31 +144,6 @@ def test_a_flush_that_is_not_final_keeps_the_saver_working(caplog):
     assert len(lines) == 2 and "(SIGTERM)" in lines[0]
 
 
-def test_safepool_background_queue_is_flushed_with_a_deadline_and_reported(caplog):
-    pool = SlowPool(delay=0.1)
-    safe = SafePool(pool)  # background writes (not sync_writes)
-    for i in range(3):
-        assert safe.put_many([(bytes([i]) * 32, b"v" * 100)])
-    with caplog.at_level(logging.INFO, logger="kvpool"):
-        safe.close(5.0)
-    assert len(pool.data) == 3
-    msg = [r.getMessage() for r in caplog.records if "write queue flushed" in r.getMessage()]
-    assert msg and "3 of 3 queued stored in all, 0 dropped" in msg[0]
-
-    slow = SlowPool(delay=0.3)
-    safe = SafePool(slow)
-    for i in range(3):
-        assert safe.put_many([(bytes([i]) * 32, b"v" * 100)])
-    time.sleep(0.05)  # the first write is in flight
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="kvpool"):
-        safe.close(0.0)
-    msg = [r.getMessage() for r in caplog.records if "write queue flushed" in r.getMessage()]
-    assert msg and "3 dropped" in msg[0] and "deadline" in msg[0]
-    time.sleep(0.8)
-    assert len(slow.data) <= 1  # the queued writes were never sent
-
-
 def test_shutdown_flush_ms_setting_is_read_and_validated():
     assert load_settings({}).shutdown_flush_ms == 5000
     assert load_settings({}, env={"KVPOOL_SHUTDOWN_FLUSH_MS": "250"}).shutdown_flush_ms == 250
@@ -186,7 +162,7 @@ CHILD = textwrap.dedent(
     from test_shutdown_flush import SlowPool, _cache, _queue_three_jobs
     from kvpool.connector import shutdown
     from kvpool.connector.backend import SafePool
-    from kvpool.connector.transfer import Saver
+    from kvpool.connector.saver import Saver
 
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s", stream=sys.stdout)
     mode = sys.argv[1]

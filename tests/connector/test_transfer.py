@@ -1,4 +1,4 @@
-"""The worker's data path (transfer.py) on real CPU paged caches and real pools, no engine.
+"""The worker's data path (loader.py, saver.py) on real CPU paged caches and real pools, no engine.
 
 Chunks are saved out of one set of blocks and loaded into another; the bytes must be those of the
 torch reference (``PagedLayout.gather``). The pools are real: the embedded pool (a loopback cache
@@ -14,9 +14,12 @@ import pytest
 import torch
 
 from kvpool.connector import chunkfmt, metrics
-from kvpool.connector.backend import RemotePool, SafePool, open_pool
+from kvpool.connector.backend import SafePool, open_pool
+from kvpool.connector.loader import Loader, LoadJob
 from kvpool.connector.paged import LAYOUTS
-from kvpool.connector.transfer import Loader, LoadJob, PagedCache, Saver
+from kvpool.connector.pools import RemotePool
+from kvpool.connector.saver import Saver
+from kvpool.connector.transfer import PagedCache
 
 L, H, D, N, C = 3, 2, 16, 8, 32  # layers, kv heads, head dim, block tokens, chunk tokens
 BLOCKS = 64

@@ -23,7 +23,9 @@ import torch
 from kvpool.connector import chunkfmt
 from kvpool.connector.backend import open_pool
 from kvpool.connector.paged import LAYOUTS
-from kvpool.connector.transfer import Loader, LoadJob, PagedCache, Saver
+from kvpool.connector.loader import Loader, LoadJob
+from kvpool.connector.saver import Saver
+from kvpool.connector.transfer import PagedCache
 
 libcuda = ctypes.CDLL("libcuda.so.1")
 

@@ -8,9 +8,10 @@ import threading
 import numpy as np
 import pytest
 
+from kvpool.cachenode.core.errors import HolderLimit
 from kvpool.cachenode.core.fingerprint import fingerprints
 from kvpool.cachenode.core.holders import HolderInfo, Status
-from kvpool.cachenode.server.lookup.index import HolderLimit, LookupIndex, scores
+from kvpool.cachenode.server.lookup.index import LookupIndex, scores
 
 A = HolderInfo("agent-a", "agent", "memory", "grpc://a:7420")
 B = HolderInfo("agent-b", "agent", "memory", "grpc://b:7420")

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cachenode.client.nixl_common import NixlUnavailable, load_nixl
+from kvpool.cachenode.client.nixl_common import load_nixl
+from kvpool.cachenode.core.errors import NixlUnavailable
 from kvpool.cli.devtools.local_servers import free_port, kvpool_up
 
 LEASE_TTL_S = 5.0

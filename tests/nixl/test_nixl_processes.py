@@ -16,8 +16,9 @@ import pytest
 
 from kvpool.cachenode import Client, InvalidRequest, Unavailable
 from kvpool.cachenode.client.connection import ConnectOptions, NodeConnection
-from kvpool.cachenode.client.nixl import NixlFailed, NixlLink, hello
+from kvpool.cachenode.client.nixl import NixlLink, hello
 from kvpool.cachenode.client.nixl_common import release_message
+from kvpool.cachenode.core.errors import NixlFailed
 from kvpool.cachenode.core.record import checksum
 from kvpool.cachenode.rpc.proto import nixl_pb2 as pb
 from kvpool.cachenode.rpc.proto import nixl_pb2_grpc as pb_grpc

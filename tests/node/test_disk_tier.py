@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from kvpool.cachenode.core import record
-from kvpool.cachenode.server.tiers.disk import DiskTier, record_size
+from kvpool.cachenode.server.tiers.disk import DiskTier
+from kvpool.cachenode.server.tiers.disk_files import record_size
 
 
 def _name() -> str:

@@ -8,11 +8,10 @@ import os
 
 import pytest
 
-from kvpool.cachenode.core.errors import CorruptData, InvalidRequest
+from kvpool.cachenode.core.errors import CorruptData, InvalidRequest, LeaseGone, NoRoom
 from kvpool.cachenode.core.leases import LeaseTable
 from kvpool.cachenode.core.record import checksum
-from kvpool.cachenode.server.nixl_leases import LeaseGone, TransferLeases
-from kvpool.cachenode.server.tiers.arena_memory import NoRoom
+from kvpool.cachenode.server.nixl_leases import TransferLeases
 from kvpool.cachenode.server.tiers.store import TieredStore
 
 

@@ -129,7 +129,7 @@ def test_crd_defaults_match_the_operators_defaults() -> None:
 
 
 def test_docs_reference_is_generated_from_the_crd() -> None:
-    from kvpool.operator import crd_reference
+    from kvpool.cli.devtools import crd_reference
 
     from .schema_tools import CRD_PATH, ROOT
 

@@ -11,7 +11,8 @@ import kmock
 import kopf
 import pytest
 
-from kvpool.operator import handlers, rbac, settings
+from kvpool.cli.devtools import rbac
+from kvpool.operator import handlers, settings
 
 from .conftest import NS, POOLS, Cluster
 

@@ -17,9 +17,9 @@ import pytest
 
 from kvpool.cachenode import Client, InvalidRequest
 from kvpool.cachenode.core import settings as registry
+from kvpool.cachenode.core.settings import load_settings
 from kvpool.cli.devtools.local_servers import free_port
 from kvpool.cli.main import cli
-from kvpool.connector.settings import load_settings
 from kvpool.operator import builders, settings
 from kvpool.operator.builders import common, configmap, statefulset
 from kvpool.operator.webhook import patch

@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from kvpool.cachenode import Client, Unavailable
-from kvpool.cachenode.client.connection import BadReply, ConnectOptions, NodeConnection
+from kvpool.cachenode.client.connection import ConnectOptions, NodeConnection
+from kvpool.cachenode.core.errors import BadReply
 from kvpool.cachenode.rpc import dataproto as dp
 from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
 from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import pathlib
 
 import pytest
 
 from kvpool.cachenode.core import settings as registry
-from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
+from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
+from kvpool.cli.devtools.settings_doc import replace_reference
 from kvpool.cli.main import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -16,15 +18,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def test_docs_reference_is_current() -> None:
     doc = ROOT / "docs" / "settings.md"
-    assert registry.replace_reference(doc.read_text()) == doc.read_text(), (
+    assert replace_reference(doc.read_text()) == doc.read_text(), (
         "run python -m kvpool.cli.devtools.settings_doc docs/settings.md"
     )
     for s in registry.SETTINGS_LIST:
         assert f"`{s.env}`" in doc.read_text()
 
 
-@pytest.mark.parametrize("command", ["node", "up", "agent"])
-def test_node_up_and_agent_flags_are_generated_from_the_registry(command: str) -> None:
+@pytest.mark.parametrize("command", ["node", "up", "agent", "lookup"])
+def test_node_up_agent_and_lookup_flags_are_generated_from_the_registry(command: str) -> None:
     expected = registry.for_command(command)
     names = {s.name for s in expected}
     # Every setting of the command, in registry order; anything else is the command's own (--log-level).
@@ -79,3 +81,30 @@ def test_values_round_trip_through_env_text() -> None:
     for s in registry.SETTINGS_LIST:
         if s.default is not None:
             assert s.parse(s.text(s.default_value)) == s.default_value, s.name
+
+
+def test_connector_settings_are_read_through_the_registry() -> None:
+    """Each field is a setting read by clients: its default, its env var, its parser."""
+    fields = dataclasses.fields(registry.ConnectorSettings)
+    defaults = registry.ConnectorSettings()
+    for f in fields:
+        s = registry.SETTINGS[f.name]
+        assert registry.CLIENT in s.readers, f.name
+        assert getattr(defaults, f.name) == registry.default(f.name, registry.CLIENT), f.name
+    assert (defaults.memory, defaults.save_buffer, defaults.lease_ms) == (2 << 30, 1 << 30, 10_000)
+    env = {"KVPOOL_LEASE_MS": "250", "KVPOOL_LOAD": "off", "KVPOOL_MEMORY": "1GiB", "KVPOOL_DISK_DIR": "/d/"}
+    loaded = registry.load_settings({"lease_ms": 100}, env=env)
+    assert (loaded.lease_ms, loaded.load, loaded.memory) == (100, False, 1 << 30)
+    assert (loaded.disk_dir, loaded.disk_size) == ("/d/", 8 << 30)
+    with pytest.raises(ValueError, match="chunk_size"):
+        registry.load_settings({"chunk_size": "many"}, env={})
+
+
+def test_lookup_settings_defaults_come_from_the_registry() -> None:
+    ls = registry.LookupSettings()
+    assert (ls.port, ls.http_port, ls.holder_lease, ls.max_holders) == (7410, 7411, 15.0, 1024)
+    for name in ("host", "port", "http_port", "max_query_keys", "max_snapshot_keys", "advertise_host"):
+        assert getattr(ls, name) == registry.default(name, registry.LOOKUP), name
+    assert registry.lookup_settings({"holder_lease": 2.0}).effective_rebuild_window == 2.0
+    with pytest.raises(ValueError, match="--max-holders"):
+        registry.lookup_settings({"max_holders": 0})

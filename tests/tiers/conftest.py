@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
+from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
 from kvpool.cli.devtools.local_servers import free_port, valkey_server_binary, wait_port
 
 

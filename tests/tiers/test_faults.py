@@ -10,9 +10,9 @@ import time
 
 from kvpool.cachenode.core import metrics
 from kvpool.cachenode.core.breaker import State
+from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
 from kvpool.cachenode.server.tiers.redis import RedisTier
 from kvpool.cachenode.server.tiers.s3 import S3Tier
-from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
 from kvpool.cachenode.server.tiers.store import TieredStore
 
 MiB = 1024 * 1024

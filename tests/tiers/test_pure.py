@@ -9,15 +9,15 @@ import pytest
 
 from kvpool.cachenode.core import metrics
 from kvpool.cachenode.core.breaker import CircuitBreaker, State
-from kvpool.cachenode.core.writebehind import Skipped, WriteBehindQueue, stable_bytes
-from kvpool.cachenode.server.tiers.redis import Manifest, part_count, split_value
-from kvpool.cachenode.server.tiers.s3 import ranges
-from kvpool.cachenode.server.tiers.shared_config import (
+from kvpool.cachenode.core.settings.shared_tiers import (
     SharedTiersConfig,
     parse_redis_url,
     parse_s3_url,
     parse_ttl,
 )
+from kvpool.cachenode.core.writebehind import Skipped, WriteBehindQueue, stable_bytes
+from kvpool.cachenode.server.tiers.redis import Manifest, part_count, split_value
+from kvpool.cachenode.server.tiers.s3 import ranges
 
 # -- breaker ----------------------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from kvpool.cachenode.core import metrics, record
+from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
 from kvpool.cachenode.server.tiers.redis import MANIFEST_MAGIC, Manifest, RedisTier
-from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
 
 MiB = 1024 * 1024
 

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from kvpool.cachenode.core import metrics, record
+from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
 from kvpool.cachenode.server.tiers.s3 import S3Tier
-from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig
 
 MiB = 1024 * 1024
 

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
+from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
 from kvpool.cachenode.server.tiers.shared import PolicyTier, SharedTier
-from kvpool.cachenode.server.tiers.shared_config import SharedTiersConfig, build_shared_tiers
+from kvpool.cachenode.server.tiers.shared_factory import build_shared_tiers
 from kvpool.cachenode.server.tiers.store import TieredStore
 
 MiB = 1024 * 1024

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 
-from kvpool.cachenode.server.tiers.disk import record_size
+from kvpool.cachenode.server.tiers.disk_files import record_size
 from kvpool.cachenode.server.tiers.redis import RedisTier
-from kvpool.cachenode.server.tiers.shared_config import build_shared_tiers
+from kvpool.cachenode.server.tiers.shared_factory import build_shared_tiers
 from kvpool.cachenode.server.tiers.store import TieredStore
 
 VALUE = 1000  # bytes per value; budgets below are counted in these

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer
 from kvpool.cachenode.client.connection import ConnectOptions, NodeConnection
 from kvpool.cachenode.core.breaker import CircuitBreaker
-from kvpool.cachenode.core.errors import KVPoolError
+from kvpool.cachenode.core.errors import KVPoolError, PeerSkipped
 from kvpool.cachenode.core.urls import parse_url
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,3 @@ class PeerLinks:
         for old in closed:
             old.close()
         return link
-
-
-class PeerSkipped(KVPoolError):
-    """Not asked: the peer failed recently and its breaker is open."""

@@ -3,7 +3,7 @@ and where the chunks its connector writes go, in the background.
 
 Reads go through the pool `Client` (rendezvous placement, handoff, per-node breakers, NIXL to
 same-host nodes). Writes go through a bounded write-behind queue (the shared tiers' own,
-`tiers.background.WriteBehindQueue`): the connector's commit returns once the chunk is in the
+`core.writebehind.WriteBehindQueue`): the connector's commit returns once the chunk is in the
 arena; the queue drops its oldest writes rather than grow, and waits while the pool is down. A
 breaker over the whole pool skips it for a while after failures, so a pool that is down costs a
 request nothing.

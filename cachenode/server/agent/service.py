@@ -9,21 +9,44 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import grpc
 
 from kvpool.cachenode.core import metrics
-from kvpool.cachenode.core.errors import CorruptData, InvalidRequest
+from kvpool.cachenode.core.errors import CorruptData, InvalidRequest, LeaseGone, NodeLeaving, NoRoom
 from kvpool.cachenode.core.leases import MAX_TTL_S
 from kvpool.cachenode.core.validation import check_keys, check_value_size
 from kvpool.cachenode.rpc.proto import agent_pb2 as pb
 from kvpool.cachenode.rpc.proto import agent_pb2_grpc as pb_grpc
-from kvpool.cachenode.server.nixl_leases import LeaseGone
-from kvpool.cachenode.server.tiers.arena_memory import NoRoom
+from kvpool.cachenode.rpc.status import abort
 
 if TYPE_CHECKING:
-    from kvpool.cachenode.server.agent.server import AgentServer
+    from collections.abc import Sequence
+    from pathlib import Path
+
+    from kvpool.cachenode.core.settings import AgentSettings
+    from kvpool.cachenode.server.nixl_leases import TransferLease, TransferLeases
+    from kvpool.cachenode.server.tiers.store import TieredStore
+
+
+class ServedAgent(Protocol):
+    """What the service needs of its agent (``server.AgentServer``, which builds the service:
+    naming the class here would tie the two modules into a cycle)."""
+
+    agent_settings: AgentSettings
+    arena_id: int
+    arena_identity: str
+    arena_path: Path
+    leases: TransferLeases
+    node_id: str
+    store: TieredStore
+
+    def put_refusal(self) -> str | None: ...
+    def locate(self, keys: list[bytes], lease_ms: int, lease_id: int) -> tuple[int, int, int]: ...
+    def unpin(self, lease_id: int, keys: Sequence[bytes] | None) -> int: ...
+    def acquire(self, keys: list[bytes]) -> TransferLease: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +54,7 @@ TRANSPORT = "arena"
 
 
 class AgentService(pb_grpc.AgentServicer):
-    def __init__(self, agent: AgentServer) -> None:
+    def __init__(self, agent: ServedAgent) -> None:
         self._agent = agent
         self._max_value_size = agent.agent_settings.max_value_size
         self._max_batch_keys = agent.agent_settings.max_batch_keys
@@ -53,8 +76,8 @@ class AgentService(pb_grpc.AgentServicer):
     def Locate(self, request: pb.AgentLocateRequest, context: grpc.ServicerContext) -> pb.AgentLocateResponse:
         keys = self._keys(request.keys, context)
         if request.lease_ms > MAX_TTL_S * 1000:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"lease_ms {request.lease_ms} exceeds "
-                        f"the limit of {MAX_TTL_S * 1000:.0f}", "agent_invalid")  # fmt: skip
+            limit = f"lease_ms {request.lease_ms} exceeds the limit of {MAX_TTL_S * 1000:.0f}"
+            self._abort(context, InvalidRequest(limit), "agent_invalid")
         count, lease_id, local = self._agent.locate(keys, request.lease_ms, request.lease_id)
         metrics.REQUESTS.labels("prefix_hits", TRANSPORT).inc()
         metrics.REQUESTED_KEYS.inc(len(keys))
@@ -72,7 +95,7 @@ class AgentService(pb_grpc.AgentServicer):
         try:
             lease = self._agent.acquire(keys)
         except NoRoom as exc:
-            self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "agent_no_room")
+            self._abort(context, exc, "agent_no_room")
         sizes = [-1 if b is None else b.nbytes for b in lease.buffers]
         metrics.REQUESTS.labels("get", TRANSPORT).inc()
         metrics.REQUESTED_KEYS.inc(len(keys))
@@ -85,16 +108,16 @@ class AgentService(pb_grpc.AgentServicer):
         entries = [(bytes(e.key), e.size) for e in request.entries]
         refused = self._agent.put_refusal()
         if refused:
-            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, refused, "agent_stopping")
+            self._abort(context, NodeLeaving(refused), "agent_stopping")
         try:
             check_keys([k for k, _ in entries], self._max_batch_keys)
             for _, size in entries:
                 check_value_size(size, self._max_value_size)
             lease = self._agent.leases.open_put(entries)
         except InvalidRequest as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "agent_invalid")
+            self._abort(context, exc, "agent_invalid")
         except NoRoom as exc:
-            self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "agent_no_room")
+            self._abort(context, exc, "agent_no_room")
         return self._lease(lease, [b.nbytes for b in lease.buffers])
 
     def Commit(self, request: pb.AgentCommitRequest, context: grpc.ServicerContext) -> pb.AgentCommitResponse:
@@ -102,11 +125,11 @@ class AgentService(pb_grpc.AgentServicer):
         try:
             stored = self._agent.leases.commit(request.lease_id, request.token, list(request.checksums))
         except LeaseGone as exc:
-            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "agent_lease_gone")
+            self._abort(context, exc, "agent_lease_gone")
         except CorruptData as exc:
-            self._abort(context, grpc.StatusCode.DATA_LOSS, str(exc), "agent_corrupt")
+            self._abort(context, exc, "agent_corrupt")
         except InvalidRequest as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "agent_invalid")
+            self._abort(context, exc, "agent_invalid")
         metrics.REQUESTS.labels("put", TRANSPORT).inc()
         metrics.LATENCY.labels("put").observe(time.perf_counter() - started)
         return pb.AgentCommitResponse(stored=stored)
@@ -131,10 +154,10 @@ class AgentService(pb_grpc.AgentServicer):
         try:
             check_keys(keys, self._max_batch_keys)
         except InvalidRequest as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "agent_invalid")
+            self._abort(context, exc, "agent_invalid")
         return keys
 
     @staticmethod
-    def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, kind: str):
+    def _abort(context: grpc.ServicerContext, error: Exception, kind: str) -> NoReturn:
         metrics.ERRORS.labels(kind).inc()
-        context.abort(code, message)
+        abort(context, error)

@@ -25,10 +25,10 @@ from kvpool.cachenode.client.buffers import PooledBuffer
 from kvpool.cachenode.client.lookup import LookupClient
 from kvpool.cachenode.core import metrics
 from kvpool.cachenode.core.breaker import CircuitBreaker, State
-from kvpool.cachenode.core.errors import KVPoolError
-from kvpool.cachenode.server.agent.peers import PeerLinks, PeerSkipped
+from kvpool.cachenode.core.errors import KVPoolError, PeerSkipped
+from kvpool.cachenode.core.located import HolderMatch
+from kvpool.cachenode.server.agent.peers import PeerLinks
 from kvpool.cachenode.server.agent.pool import PoolLink
-from kvpool.cachenode.server.lookup.index import HolderMatch
 
 log = logging.getLogger(__name__)
 

@@ -16,25 +16,11 @@ from types import MappingProxyType
 
 import numpy as np
 
+from kvpool.cachenode.core.errors import HolderLimit
 from kvpool.cachenode.core.holders import BitAllocator, Holder, HolderInfo, Status, Verdict
-from kvpool.cachenode.server.lookup.settings import DEFAULT_MAX_HOLDERS
+from kvpool.cachenode.core.located import HolderMatch, Located, Score
+from kvpool.cachenode.core.settings.defaults import DEFAULT_MAX_HOLDERS
 from kvpool.cachenode.server.lookup.table import FingerprintTable
-
-
-@dataclass(frozen=True)
-class HolderMatch:
-    """One holder's share of a located prefix."""
-
-    info: HolderInfo
-    run: int  # how many leading keys this holder holds without a gap
-    bitmap: bytes  # bit j (little-endian within bytes) set = it holds key j of the prefix
-
-
-@dataclass(frozen=True)
-class Located:
-    prefix: int  # leading keys held by at least one holder
-    holders: list[HolderMatch]
-    authoritative: bool
 
 
 @dataclass(frozen=True)
@@ -42,10 +28,6 @@ class Expired:
     info: HolderInfo
     entries: int
     silent_s: float
-
-
-class HolderLimit(Exception):
-    """A new holder would exceed --max-holders."""
 
 
 FEW_HOLDERS = 4  # up to this many holders in a prefix, per-holder numpy calls beat a bit matrix
@@ -278,13 +260,6 @@ class LookupIndex:
 
     def _publish_holders(self) -> None:
         self._by_bit = MappingProxyType({h.bit: h.info for h in self._holders.values()})
-
-
-@dataclass(frozen=True)
-class Score:
-    info: HolderInfo
-    matched_keys: int
-    matched_tokens: int
 
 
 def scores(located: Located, tokens_per_key: int, kind: str = "") -> list[Score]:

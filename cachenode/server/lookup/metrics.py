@@ -40,14 +40,3 @@ AUTHORITATIVE = Gauge(
     "kvpool_lookup_authoritative", "1 once the index was rebuilt after start (answers are complete)"
 )
 ERRORS = Counter("kvpool_lookup_errors_total", "Rejected calls by kind", ["kind"])
-
-# The holder side (an agent or a node that publishes into the index).
-PUBLISHER_EVENTS = Counter("kvpool_lookup_publisher_events_total", "Events this holder had acknowledged")
-PUBLISHER_RESYNCS = Counter("kvpool_lookup_publisher_resyncs_total", "Snapshots this holder sent")
-PUBLISHER_OVERFLOWS = Counter(
-    "kvpool_lookup_publisher_overflows_total",
-    "Times more events waited than the publisher keeps (they were replaced by a snapshot)",
-)
-PUBLISHER_ERRORS = Counter(
-    "kvpool_lookup_publisher_errors_total", "Failed calls to the lookup service (retried)"
-)

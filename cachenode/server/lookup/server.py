@@ -14,13 +14,13 @@ from grpc_reflection.v1alpha import reflection
 
 from kvpool.cachenode.core.errors import InvalidRequest
 from kvpool.cachenode.core.fingerprint import fingerprints
+from kvpool.cachenode.core.settings import LookupSettings
 from kvpool.cachenode.rpc.proto import lookup_pb2, lookup_pb2_grpc
 from kvpool.cachenode.server.grpcserver import bind, display_host, new_grpc_server
 from kvpool.cachenode.server.httpserver import HealthServer
 from kvpool.cachenode.server.lookup import metrics
 from kvpool.cachenode.server.lookup.index import LookupIndex, scores
 from kvpool.cachenode.server.lookup.service import LookupService, check_scores_request
-from kvpool.cachenode.server.lookup.settings import LookupSettings
 from kvpool.cachenode.server.node import package_version
 
 log = logging.getLogger(__name__)

@@ -10,17 +10,17 @@ import threading
 import time
 from collections.abc import Callable
 
-import grpc
 import numpy as np
 
-from kvpool.cachenode.core.errors import InvalidRequest
+from kvpool.cachenode.core.errors import HolderLimit, InvalidRequest, Unavailable
 from kvpool.cachenode.core.holders import HolderInfo, Status, Verdict
+from kvpool.cachenode.core.settings import MAX_TOKENS_PER_KEY, LookupSettings
 from kvpool.cachenode.rpc import lookup_wire as wire
 from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
 from kvpool.cachenode.rpc.proto import lookup_pb2_grpc as pb_grpc
+from kvpool.cachenode.rpc.status import abort
 from kvpool.cachenode.server.lookup import metrics
-from kvpool.cachenode.server.lookup.index import HolderLimit, LookupIndex, scores
-from kvpool.cachenode.server.lookup.settings import MAX_TOKENS_PER_KEY, LookupSettings
+from kvpool.cachenode.server.lookup.index import LookupIndex, scores
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class LookupService(pb_grpc.LookupServicer):
         except HolderLimit as exc:
             metrics.ERRORS.labels("holder_limit").inc()
             log.warning("refused holder %s: %s (--max-holders)", info.holder_id, exc)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc} (--max-holders)")
+            abort(context, exc, f"{exc} (--max-holders)")
         self._account(info.holder_id, verdict)
         if verdict.status is Status.OK:
             metrics.RESYNCS.inc()
@@ -193,7 +193,7 @@ class LookupService(pb_grpc.LookupServicer):
     def _writer_slot(self, context):
         if not self._writer_slots.acquire(blocking=False):
             metrics.ERRORS.labels("busy").inc()
-            context.abort(grpc.StatusCode.UNAVAILABLE, "busy applying other holders' events; retry shortly")
+            abort(context, Unavailable("busy applying other holders' events; retry shortly"))
         try:
             yield
         finally:
@@ -248,7 +248,7 @@ class LookupService(pb_grpc.LookupServicer):
     @staticmethod
     def _reject(context, exc: InvalidRequest):
         metrics.ERRORS.labels("invalid").inc()
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        abort(context, exc)
 
 
 def check_scores_request(tokens_per_key: int, kind: str) -> None:

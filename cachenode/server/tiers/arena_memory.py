@@ -28,16 +28,11 @@ import numpy as np
 
 from kvpool.cachenode.client.arena import PAGE, Arena, align_up
 from kvpool.cachenode.core import metrics
-from kvpool.cachenode.core.errors import KVPoolError
 from kvpool.cachenode.server.tiers.memory import nbytes, validate_watermarks
 
 EvictCallback = Callable[[bytes, object], None]
 PinnedCheck = Callable[[bytes], bool]
 ALIGNMENT = 64
-
-
-class NoRoom(KVPoolError):
-    """L1 cannot hold the values now: every range is stored and pinned, or still being read."""
 
 
 class ArenaBuffer(np.ndarray):

@@ -1,12 +1,8 @@
 """L2: one file per record on a local disk, under a hard byte budget, surviving restarts.
 
 Why it is shaped this way:
-- each file holds the record frame of record.py (header, key, value) so a read verifies itself;
-- writes go to a temporary file in the same directory, are fsynced, then renamed over the final
-  name and the directory fsynced: a crash leaves either the old record, the new one, or a stray
-  temporary file that the next start removes;
-- file names are the key in hex, sharded into 256 directories by a hash of the key, so the index
-  is rebuilt from ``os.scandir`` and stat alone, without opening a file;
+- the files (disk_files.py) are written to a temporary name, fsynced and renamed, and verify
+  themselves when read; their names alone rebuild the index at start;
 - a failing disk (ENOSPC, EIO, ...) degrades the tier: writes are dropped, reads go on, and
   writes are retried after a back-off;
 - an optional ``on_evict(key, value)`` hands evicted records to the store (write-back demotion to
@@ -22,57 +18,26 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
-import numpy as np
-import xxhash
-
 from kvpool.cachenode.core import metrics
-from kvpool.cachenode.core.record import HEADER_SIZE, RecordError, decode_header, encode_header
+from kvpool.cachenode.core.record import RecordError, encode_header
+from kvpool.cachenode.server.tiers.disk_files import (
+    fsync_dir,
+    read_record,
+    record_path,
+    record_size,
+    scan_records,
+    temp_path,
+    unlink,
+    write_temp,
+)
 from kvpool.cachenode.server.tiers.memory import PinnedCheck, nbytes, validate_watermarks
 
 log = logging.getLogger(__name__)
 
-RECORD_SUFFIX = ".rec"
-TEMP_SUFFIX = ".tmp"
-SHARDS = 256
-READ_PIECE = 1024 * 1024  # read and hash values in pieces that stay in the CPU cache
-
 EvictCallback = Callable[[bytes, memoryview], None]
-
-
-def shard_of(key: bytes) -> str:
-    return f"{xxhash.xxh3_64_intdigest(key) & (SHARDS - 1):02x}"
-
-
-def record_size(key: bytes, value_len: int) -> int:
-    """Bytes a record file takes (what the budget counts)."""
-    return HEADER_SIZE + len(key) + value_len
-
-
-def _write_all(fd: int, buffers: list) -> None:
-    """os.writev until every byte is written (writev may write less than asked)."""
-    views = [memoryview(b).cast("B") for b in buffers if nbytes(b)]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
-
-
-def _read_exact(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; a short file is a corrupt record."""
-    done = 0
-    total = len(view)
-    while done < total:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise RecordError(f"record truncated: {offset + done} bytes of {offset + total}")
-        done += n
 
 
 class DiskTier:
@@ -134,7 +99,7 @@ class DiskTier:
     # -- paths ---------------------------------------------------------------------------------
 
     def path_of(self, key: bytes) -> str:
-        return os.path.join(self.directory, shard_of(key), key.hex() + RECORD_SUFFIX)
+        return record_path(self.directory, key)
 
     # -- index ---------------------------------------------------------------------------------
 
@@ -144,30 +109,7 @@ class DiskTier:
         Returns the seconds it took (also the ``kvpool_disk_index_rebuild_seconds`` gauge).
         """
         start = time.perf_counter()
-        found: list[tuple[float, bytes, int]] = []
-        with os.scandir(self.directory) as top:
-            shard_dirs = [e.path for e in top if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
-        for shard_dir in shard_dirs:
-            shard = os.path.basename(shard_dir)
-            with os.scandir(shard_dir) as entries:
-                for entry in entries:
-                    name = entry.name
-                    if name.endswith(TEMP_SUFFIX):
-                        _unlink(entry.path)  # a write that never reached its rename
-                        continue
-                    if not name.endswith(RECORD_SUFFIX):
-                        continue
-                    try:
-                        key = bytes.fromhex(name[: -len(RECORD_SUFFIX)])
-                    except ValueError:
-                        continue
-                    if not key or shard_of(key) != shard:
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    found.append((st.st_mtime, key, st.st_size))
+        found = scan_records(self.directory)
         found.sort(key=lambda item: item[0])
         with self._lock:
             self._index = OrderedDict((key, size) for _, key, size in found)
@@ -231,7 +173,7 @@ class DiskTier:
             return None
         try:
             st = os.fstat(fd)
-            value = self._read_record(fd, key, st.st_size)
+            value = read_record(fd, key, st.st_size, verify=self._verify)
         except (RecordError, OSError) as exc:
             self._discard_corrupt(key, exc, fd)
             return None
@@ -239,31 +181,6 @@ class DiskTier:
             os.close(fd)
         self._m_read.observe(time.perf_counter() - start)
         return value
-
-    def _read_record(self, fd: int, key: bytes, size: int) -> memoryview:
-        head_len = HEADER_SIZE + len(key)
-        head = bytearray(head_len)
-        _read_exact(fd, memoryview(head), 0)
-        header = decode_header(head)
-        if header.key_len != len(key) or bytes(head[HEADER_SIZE:]) != key:
-            raise RecordError("record belongs to another key")
-        if header.total_size != size:
-            raise RecordError(f"record file is {size} bytes, header says {header.total_size}")
-        value = np.empty(header.value_len, dtype=np.uint8)  # not zero-filled, unlike bytearray
-        view = memoryview(value)
-        if not self._verify:
-            _read_exact(fd, view, head_len)
-            return view.toreadonly()
-        # Hash each piece right after reading it, while it is still in the CPU cache: for large
-        # values this costs a fraction of hashing the whole buffer again from memory.
-        hasher = xxhash.xxh3_64(key)
-        for start in range(0, len(view), READ_PIECE):
-            piece = view[start : start + READ_PIECE]
-            _read_exact(fd, piece, head_len + start)
-            hasher.update(piece)
-        if hasher.intdigest() != header.checksum:
-            raise RecordError("checksum mismatch")
-        return view.toreadonly()
 
     def _discard_corrupt(self, key: bytes, exc: Exception, fd: int) -> None:
         """Count and remove the bad file, unless a newer write has replaced it meanwhile."""
@@ -280,7 +197,7 @@ class DiskTier:
             except OSError:
                 gone, same_file = False, True
             if same_file:
-                _unlink(path)
+                unlink(path)
             if same_file or gone:
                 size = self._index.pop(key, None)
                 if size is not None:
@@ -331,11 +248,10 @@ class DiskTier:
             return False
         start = time.perf_counter()
         final = self.path_of(key)
-        shard_dir = os.path.dirname(final)
-        temp = os.path.join(shard_dir, f".{key.hex()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+        temp = temp_path(final, key)
         committed = False
         try:
-            self._write_temp(temp, shard_dir, header, value)
+            write_temp(temp, header, value, fsync=self._fsync)
             with self._lock:
                 wanted = self._writing.get(key) is token and (still_wanted is None or still_wanted())
                 if wanted:
@@ -351,10 +267,10 @@ class DiskTier:
                     del self._writing[key]
                 self._publish()
             if not committed:
-                _unlink(temp)
+                unlink(temp)
                 return False
             if self._fsync:
-                _fsync_dir(shard_dir)
+                fsync_dir(os.path.dirname(final))
         except OSError as exc:
             with self._lock:
                 if not committed:
@@ -362,7 +278,7 @@ class DiskTier:
                 if self._writing.get(key) is token:
                     del self._writing[key]
                 self._publish()
-            _unlink(temp)
+            unlink(temp)
             self._m_dropped.inc()
             self._mark_degraded(exc)
             return False
@@ -370,19 +286,6 @@ class DiskTier:
         if self.degraded:
             self._clear_degraded()
         return True
-
-    def _write_temp(self, temp: str, shard_dir: str, header: bytes, value) -> None:
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError:
-            os.makedirs(shard_dir, exist_ok=True)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, [header, value])
-            if self._fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def delete(self, key: bytes) -> bool:
         """Remove a record; a write of it still in progress will not land."""
@@ -394,7 +297,7 @@ class DiskTier:
                 return False
             self._usage -= size
             self._publish()
-            _unlink(self.path_of(key))  # under the lock, so a later put's rename cannot be undone
+            unlink(self.path_of(key))  # under the lock, so a later put's rename cannot be undone
         return True
 
     # -- degradation ---------------------------------------------------------------------------
@@ -446,7 +349,7 @@ class DiskTier:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as exc:
                     log.warning("Disk tier: evicted record %s could not be opened: %s", key.hex(), exc)
-            _unlink(path)
+            unlink(path)
             self._usage -= size
             doomed.append((key, fd))
         if doomed:
@@ -468,7 +371,7 @@ class DiskTier:
             if fd is None:
                 continue
             try:
-                value = self._read_record(fd, key, os.fstat(fd).st_size)
+                value = read_record(fd, key, os.fstat(fd).st_size, verify=self._verify)
             except (RecordError, OSError) as exc:
                 log.warning("Disk tier: evicted record %s unreadable (%s); not handed over", key.hex(), exc)
                 self.corrupt += 1
@@ -485,20 +388,3 @@ class DiskTier:
     def _publish(self) -> None:
         self._m_usage.set(self._usage)
         self._m_entries.set(len(self._index))
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("Disk tier could not remove %s: %s", path, exc)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

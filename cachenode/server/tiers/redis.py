@@ -30,8 +30,8 @@ import valkey
 from valkey.exceptions import ResponseError
 
 from kvpool.cachenode.core import metrics, record
-from kvpool.cachenode.core.writebehind import BackgroundTier
-from kvpool.cachenode.server.tiers.shared_config import MAX_REDIS_PART, RedisConfig, TierPolicy
+from kvpool.cachenode.core.settings.shared_tiers import MAX_REDIS_PART, RedisConfig, TierPolicy
+from kvpool.cachenode.server.tiers.shared import BackgroundTier
 
 MANIFEST_MAGIC = b"KVPM"
 MANIFEST_VERSION = 1

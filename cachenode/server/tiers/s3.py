@@ -31,8 +31,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from kvpool.cachenode.core import metrics, record
-from kvpool.cachenode.core.writebehind import BackgroundTier
-from kvpool.cachenode.server.tiers.shared_config import S3Config, TierPolicy
+from kvpool.cachenode.core.settings.shared_tiers import S3Config, TierPolicy
+from kvpool.cachenode.server.tiers.shared import BackgroundTier
 
 _RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _MISSING = {"NoSuchKey", "404", "NotFound"}

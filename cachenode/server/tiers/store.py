@@ -1,16 +1,10 @@
 """The node's tiered store: L1 memory, L2 disk, then the shared tiers (Redis/Valkey, S3).
 
 The one object the gRPC and data servers call. A put is acknowledged once it is in L1; the disk
-write happens on one background writer thread (on disk within about a second), and each shared
-tier gets the value through its own background queue. A get walks L1, the pending disk writes,
-L2 (promoting hits into L1), then the shared tiers in order with one batched call for all keys
-still missing (promoting hits into L1 and, in the background, into L2).
-
-Ordering rules that keep the disk honest:
-- pending disk writes are keyed, so an overwrite replaces a write that has not started and a
-  write already in flight lands before the newer one (one writer, FIFO);
-- a delete removes the pending write and revokes the one in flight: the disk tier asks the store
-  just before its rename whether the write is still wanted, so a late write never resurrects.
+write happens on one background writer thread (disk_writes.py; on disk within about a second),
+and each shared tier gets the value through its own background queue. A get walks L1, the pending
+disk writes, L2 (promoting hits into L1), then the shared tiers in order with one batched call for
+all keys still missing (promoting hits into L1 and, in the background, into L2).
 
 Shared-tier policy (tiers.PolicyTier; tiers without it are plain write-through):
 - write-through: every put is queued for each shared tier at once (`submit_put`); evictions
@@ -34,39 +28,27 @@ reported in the wrong order; the index then lacks a key for a while (a missed hi
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from kvpool.cachenode.core import metrics
+from kvpool.cachenode.core.errors import NoRoom
 from kvpool.cachenode.core.leases import LeaseTable
 from kvpool.cachenode.core.validation import check_key
-from kvpool.cachenode.server.tiers.arena_memory import ArenaBuffer, ArenaMemoryTier, NoRoom
+from kvpool.cachenode.server.tiers.arena_memory import ArenaBuffer, ArenaMemoryTier
 from kvpool.cachenode.server.tiers.disk import DiskTier
-from kvpool.cachenode.server.tiers.memory import nbytes, readonly_view
-from kvpool.cachenode.server.tiers.shared import PolicyTier, SharedTier
+from kvpool.cachenode.server.tiers.disk_writes import DEFAULT_DISK_QUEUE_BYTES, DiskWriteBehind
+from kvpool.cachenode.server.tiers.memory import readonly_view
+from kvpool.cachenode.server.tiers.shared import SharedTier, wants_demotions
+from kvpool.cachenode.server.tiers.store_stats import local_tier_stats, shared_tier_stats
 
 log = logging.getLogger(__name__)
 
 MEMORY = "memory"
 DISK = "disk"
-DROP_WARNING_INTERVAL_S = 10.0
-DEFAULT_DISK_QUEUE_BYTES = 256 * 1024**2
-
-
-def wants_demotions(tier: SharedTier) -> bool:
-    """Whether the store must hand evictions to `tier`: a PolicyTier not known to write through.
-
-    A tier whose policy cannot be read gets demotions (its `demote` decides); a write-through
-    tier does not, so the store skips reading evicted disk records back for nothing.
-    """
-    if not isinstance(tier, PolicyTier):
-        return False
-    return getattr(getattr(tier, "policy", None), "write", None) != "through"
 
 
 class HoldingsListener(Protocol):
@@ -74,17 +56,6 @@ class HoldingsListener(Protocol):
 
     def admitted(self, keys: Iterable[bytes]) -> None: ...
     def evicted(self, keys: Iterable[bytes]) -> None: ...
-
-
-class _Pending:
-    """A disk write waiting for the writer thread."""
-
-    __slots__ = ("seq", "size", "value")
-
-    def __init__(self, seq: int, value, size: int) -> None:
-        self.seq = seq
-        self.value = value
-        self.size = size
 
 
 class TieredStore:
@@ -113,6 +84,7 @@ class TieredStore:
         self._demote_to: tuple[SharedTier, ...] = tuple(t for t in self.shared if wants_demotions(t))
         demoting = bool(self._demote_to)
         self.disk: DiskTier | None = None
+        self._disk_writes: DiskWriteBehind | None = None
         if disk_dir is not None and disk_bytes > 0:
             self.disk = DiskTier(
                 disk_dir,
@@ -125,6 +97,14 @@ class TieredStore:
                 on_drop=self._dropped,
                 pinned=self.leases.is_pinned,
             )
+            self._disk_writes = DiskWriteBehind(
+                self.disk,
+                queue_bytes=disk_queue_bytes,
+                in_memory=self._in_memory,
+                lost=self._demote,
+                gone=self._gone,
+                idle_wait=disk_flush_interval,
+            )
         self.memory = ArenaMemoryTier(
             memory_bytes,
             high_watermark,
@@ -134,28 +114,14 @@ class TieredStore:
             pinned=self.leases.is_pinned,
             arena_path=arena_path,
         )
-        self.disk_flush_interval = disk_flush_interval
-        self.disk_queue_bytes = disk_queue_bytes
         self._ready = threading.Event()
-        self._cond = threading.Condition()
-        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
-        self._pending_bytes = 0
-        self._inflight: dict[bytes, int] = {}  # key -> seq of the write the writer is doing
-        self._writer_busy = False
-        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
         self._deletes = 0  # bumped by every delete; a get that overlaps one does not promote
-        self._closing = False
         self._closed = False
-        self._writer: threading.Thread | None = None
-        self.dropped_writes = 0
-        self._drop_warned_at = 0.0
-        self._drops_unreported = 0
         self.demotions = 0  # values handed to write-back tiers (evicted from the last local tier)
         names = [MEMORY, DISK, *(t.name for t in self.shared)]
         self._hits = dict.fromkeys(names, 0)
         self._misses = dict.fromkeys(names, 0)
-        self._m_queue = metrics.TIER_QUEUE_DEPTH.labels(DISK)
-        self._m_dropped = metrics.TIER_DROPPED_WRITES.labels(DISK)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -163,10 +129,9 @@ class TieredStore:
         """Rebuild the disk index (may take seconds), start the writer, then report ready."""
         if self._ready.is_set():
             return self
-        if self.disk is not None:
+        if self.disk is not None and self._disk_writes is not None:
             self.disk.rebuild_index()
-            self._writer = threading.Thread(target=self._write_loop, name="kvpool-disk-writer", daemon=True)
-            self._writer.start()
+            self._disk_writes.start()
         self._ready.set()
         return self
 
@@ -184,11 +149,8 @@ class TieredStore:
         """Wait until pending disk writes are on disk and shared tiers drained; False on timeout."""
         deadline = time.monotonic() + timeout
         ok = True
-        if self.disk is not None:
-            with self._cond:
-                ok = self._cond.wait_for(
-                    lambda: not self._pending and not self._writer_busy, timeout=max(0.0, timeout)
-                )
+        if self._disk_writes is not None:
+            ok = self._disk_writes.flush(timeout)
         for tier in self.shared:
             try:
                 ok = tier.flush(max(0.0, deadline - time.monotonic())) and ok
@@ -203,11 +165,8 @@ class TieredStore:
             return
         if self.ready:
             self.flush(timeout)
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._writer is not None:
-            self._writer.join(timeout)
+        if self._disk_writes is not None:
+            self._disk_writes.close()
         for tier in self.shared:
             try:
                 tier.close()
@@ -225,7 +184,7 @@ class TieredStore:
         """Store a value (the store owns the buffer from now on). False if no tier took it."""
         key = check_key(key)
         in_memory = self.memory.put(key, value)
-        queued = self._enqueue_disk(key, value)
+        queued = self._disk_writes is not None and self._disk_writes.submit(key, value)
         for tier in self.shared:
             try:
                 tier.submit_put(key, value)  # a write-back tier ignores it
@@ -245,16 +204,9 @@ class TieredStore:
     def delete(self, keys: Iterable[bytes]) -> int:
         """Remove keys from every tier, pending disk writes included; returns how many were held."""
         keys = [check_key(k) for k in keys]
-        held = set()
-        with self._cond:
+        with self._lock:
             self._deletes += 1
-            for key in keys:
-                entry = self._pending.pop(key, None)
-                if entry is not None:
-                    self._pending_bytes -= entry.size
-                    held.add(key)
-                self._inflight.pop(key, None)  # revokes the write in flight (see still_wanted)
-            self._m_queue.set(len(self._pending))
+        held = set() if self._disk_writes is None else self._disk_writes.discard(keys)
         for key in keys:
             if self.memory.delete(key):
                 held.add(key)
@@ -334,8 +286,11 @@ class TieredStore:
         `watch` listener's events keep current."""
         seen = set(self.memory.lru_order())
         yield from seen
-        with self._cond:
-            pending = [k for k in self._pending if k not in seen]
+        pending = (
+            []
+            if self._disk_writes is None
+            else [k for k in self._disk_writes.pending_keys() if k not in seen]
+        )
         seen.update(pending)
         yield from pending
         if self.disk is not None:
@@ -400,10 +355,8 @@ class TieredStore:
 
     def _local_size(self, key: bytes) -> int | None:
         size = self.memory.size_of(key)
-        if size is None:
-            with self._cond:
-                entry = self._pending.get(key)
-                size = None if entry is None else entry.size
+        if size is None and self._disk_writes is not None:
+            size = self._disk_writes.size_of(key)
         if size is None and self.disk is not None:
             size = self.disk.size_of(key)
         return size
@@ -444,34 +397,24 @@ class TieredStore:
             held.append(copy)
         return held
 
-    def _local_stats(self, name: str, tier: ArenaMemoryTier | DiskTier) -> dict:
-        return {
-            "capacity": tier.capacity,
-            "used": tier.usage,
-            "entries": len(tier),
-            "hits": self._hits[name],
-            "misses": self._misses[name],
-            "evictions": tier.evictions,
-        }
-
     def stats(self) -> dict:
-        tiers: dict[str, dict] = {
-            MEMORY: {
-                **self._local_stats(MEMORY, self.memory),
-                "degraded": False,
-                "arena_used": self.memory.arena_used,
-            }
+        def counts(name: str) -> tuple[int, int]:
+            return self._hits[name], self._misses[name]
+
+        tiers = {
+            MEMORY: local_tier_stats(
+                self.memory, *counts(MEMORY), degraded=False, arena_used=self.memory.arena_used
+            )
         }
         if self.disk is not None:
-            tiers[DISK] = {
-                **self._local_stats(DISK, self.disk),
-                "degraded": self.disk.degraded,
-                "corrupt": self.disk.corrupt,
-            }
+            tiers[DISK] = local_tier_stats(
+                self.disk, *counts(DISK), degraded=self.disk.degraded, corrupt=self.disk.corrupt
+            )
         for tier in self.shared:
-            tiers[tier.name] = self._shared_stats(tier)
-        with self._cond:
-            pending, pending_bytes = len(self._pending), self._pending_bytes
+            tiers[tier.name] = shared_tier_stats(tier, *counts(tier.name), write_back=tier in self._demote_to)
+        pending, pending_bytes, dropped = (
+            (0, 0, 0) if self._disk_writes is None else self._disk_writes.stats()
+        )
         self._publish_pins()
         return {
             "ready": self.ready,
@@ -481,55 +424,32 @@ class TieredStore:
             "tiers": tiers,
             "pending_writes": pending,
             "pending_write_bytes": pending_bytes,
-            "dropped_writes": self.dropped_writes,
+            "dropped_writes": dropped,
             "demotions": self.demotions,
         }
-
-    def _shared_stats(self, tier: SharedTier) -> dict:
-        """The store's hit counts plus what the tier reports (breaker, queue depth, written,
-        dropped); degraded means its breaker is not closed."""
-        entry: dict = {"capacity": None, "used": None, "entries": None, "evictions": None, "degraded": None}
-        if isinstance(tier, PolicyTier):
-            entry["write"] = "back" if tier in self._demote_to else "through"
-            entry["promote"] = bool(tier.promote_on_read)
-        stats = getattr(tier, "stats", None)
-        if callable(stats):
-            try:
-                entry.update(stats())
-            except Exception:
-                log.exception("Shared tier %s failed to report stats", tier.name)
-        if "breaker" in entry:
-            entry["degraded"] = entry["breaker"] != "closed"
-        entry["hits"] = self._hits[tier.name]
-        entry["misses"] = self._misses[tier.name]
-        return entry
 
     # -- internals -----------------------------------------------------------------------------
 
     def _held_locally(self, key: bytes) -> bool:
-        if self.memory.contains(key) or key in self._pending:
+        if self.memory.contains(key) or (self._disk_writes is not None and key in self._disk_writes):
             return True
         return self.disk is not None and self.disk.contains(key)
 
+    def _in_memory(self, key: bytes) -> bool:
+        return self.memory.contains(key)
+
     def _pending_value(self, key: bytes):
-        if self.disk is None:
-            return None
-        with self._cond:
-            entry = self._pending.get(key)
-            return None if entry is None else entry.value
+        return None if self._disk_writes is None else self._disk_writes.value_of(key)
 
     def _promote(self, key: bytes, value, deletes_before: int, *, to_disk: bool) -> None:
         """Copy a lower-tier hit upward unless a delete or a newer put came in meanwhile."""
         if self._deletes != deletes_before or self.memory.contains(key):
             return
         held = self.memory.put(key, value)
-        if to_disk and self.disk is not None and not self._held_locally_below(key):
-            held = self._enqueue_disk(key, value) or held
+        if to_disk and self._disk_writes is not None and not self._disk_writes.keeps(key):
+            held = self._disk_writes.submit(key, value) or held
         if held and self._listener is not None:
             self._listener.admitted([key])
-
-    def _held_locally_below(self, key: bytes) -> bool:
-        return key in self._pending or key in self._inflight or (self.disk is not None and key in self.disk)
 
     def _demote(self, key: bytes, value) -> None:
         """Hand a value leaving the node to each write-back tier (each only enqueues)."""
@@ -545,12 +465,10 @@ class TieredStore:
     def _on_memory_evict(self, key: bytes, value) -> None:
         """L1 evicted `key` (called outside its lock). Without a disk tier L1 is the last local
         tier: demote. With one, demote only if the value is neither on disk nor on its way
-        there; the check runs under the store lock, against which the writer settles a
-        failed write (see _write_loop), so exactly one side sees the value as lost."""
-        if self.disk is not None:
-            with self._cond:
-                if self._held_locally_below(key):
-                    return
+        there (DiskWriteBehind.keeps: ordered against the writer settling a failed write, so
+        exactly one side sees the value as lost)."""
+        if self._disk_writes is not None and self._disk_writes.keeps(key):
+            return
         self._demote(key, value)
         self._gone([key])
 
@@ -575,94 +493,3 @@ class TieredStore:
             metrics.TIER_HITS.labels(tier).inc(hits)
         if export and misses:
             metrics.TIER_MISSES.labels(tier).inc(misses)
-
-    def _warn_dropped(self, dropped: int) -> None:
-        """One warning per DROP_WARNING_INTERVAL_S, with the count, not one per put under overload."""
-        with self._cond:
-            self._drops_unreported += dropped
-            now = time.monotonic()
-            if now - self._drop_warned_at < DROP_WARNING_INTERVAL_S:
-                return
-            count, self._drops_unreported = self._drops_unreported, 0
-            self._drop_warned_at = now
-        log.warning(
-            "Disk write queue full: dropped %d pending writes (puts arrive faster than the disk takes them; "
-            "see kvpool_tier_dropped_writes_total)",
-            count,
-        )
-
-    def _enqueue_disk(self, key: bytes, value) -> bool:
-        """Queue a background disk write; the queue is bounded in bytes, oldest dropped first."""
-        if self.disk is None:
-            return False
-        size = nbytes(value)
-        dropped = 0
-        dropped_keys: list[bytes] = []
-        lost: list[tuple[bytes, object]] = []  # dropped and no longer in L1: demote (write-back)
-        with self._cond:
-            old = self._pending.pop(key, None)
-            if old is not None:
-                self._pending_bytes -= old.size
-            while self._pending and self._pending_bytes + size > self.disk_queue_bytes:
-                old_key, oldest = self._pending.popitem(last=False)
-                self._pending_bytes -= oldest.size
-                dropped += 1
-                dropped_keys.append(old_key)
-                if self._demote_to and not self.memory.contains(old_key):
-                    lost.append((old_key, oldest.value))
-            self._pending[key] = _Pending(next(self._seq), value, size)
-            self._pending_bytes += size
-            self.dropped_writes += dropped
-            self._m_queue.set(len(self._pending))
-            self._cond.notify_all()
-        if dropped:
-            self._m_dropped.inc(dropped)
-            self._warn_dropped(dropped)
-        for old_key, old_value in lost:
-            self._demote(old_key, old_value)
-        if dropped and self._listener is not None:
-            self._gone(dropped_keys)
-        return True
-
-    def _write_loop(self) -> None:
-        """The one disk writer: FIFO over pending writes, so the newest value lands last."""
-        assert self.disk is not None
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait(self.disk_flush_interval)
-                if not self._pending:
-                    return
-                key, entry = self._pending.popitem(last=False)
-                self._pending_bytes -= entry.size
-                self._inflight[key] = entry.seq
-                self._writer_busy = True
-                self._m_queue.set(len(self._pending))
-            written = False
-            try:
-                written = self.disk.put(
-                    key, entry.value, still_wanted=lambda k=key, s=entry.seq: self._inflight.get(k) == s
-                )
-            except Exception:
-                log.exception("Disk write of %s failed", key.hex())
-            finally:
-                with self._cond:
-                    current = self._inflight.get(key) == entry.seq  # False: a delete revoked it
-                    if current:
-                        del self._inflight[key]
-                    # dropped by the disk, no newer write pending, gone from L1: the eviction
-                    # saw it in flight and left it to us (see _on_memory_evict)
-                    lost = (
-                        bool(self._demote_to)
-                        and current
-                        and not written
-                        and key not in self._pending
-                        and not self.memory.contains(key)
-                    )
-                if lost:
-                    self._demote(key, entry.value)
-                if current and not written:
-                    self._gone([key])
-                with self._cond:
-                    self._writer_busy = False
-                    self._cond.notify_all()

@@ -3,9 +3,9 @@
 Pure: no sockets, no files read. Every bad value raises ValueError with a message that names the
 flag and shows a valid example, so `kvpool node` can print it as a one-line error.
 
-The settings registry (cachenode/core/settings.py) gives every setting its flag and `KVPOOL_<NAME>`
-env var, with the checks in `VALUE_CHECKS`; `SharedTiersConfig.from_options(**kwargs)` turns the
-parsed flags into config objects.
+The registry (tier_entries.py) gives every setting its flag and `KVPOOL_<NAME>` env var, with the
+checks in `VALUE_CHECKS`; `SharedTiersConfig.from_options(**kwargs)` turns the parsed flags into
+config objects, from which the server builds its tiers (server/tiers/shared_factory.py).
 """
 
 from __future__ import annotations
@@ -373,25 +373,5 @@ VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "tier_breaker_failures": lambda v: _count(v, "--tier-breaker-failures", 1, 1000),
     "tier_breaker_reset": lambda v: _positive(v, "--tier-breaker-reset"),
 }
-"""One value's check, shared by `from_options` and the settings registry (cachenode/core/settings.py),
-which gives each of these settings its flag, env var, default and help."""
-
-
-def build_shared_tiers(config: SharedTiersConfig, max_value_size: int | None = None) -> list:
-    """The configured shared tiers, in read order (`SharedTier` objects from cachenode/server/tiers.py).
-
-    Imports the client libraries only when a tier is configured, so a node without shared tiers
-    needs neither valkey nor boto3. Constructing a tier opens no connection: a tier that is down
-    at start-up is simply a miss until it comes up.
-    """
-    tiers = []
-    for name in config.enabled:
-        if name == "redis":
-            from kvpool.cachenode.server.tiers.redis import RedisTier
-
-            tiers.append(RedisTier(config.redis, config.policy, max_value_size=max_value_size))
-        else:
-            from kvpool.cachenode.server.tiers.s3 import S3Tier
-
-            tiers.append(S3Tier(config.s3, config.policy))
-    return tiers
+"""One value's check, shared by `from_options` and the settings registry (tier_entries.py), which
+gives each of these settings its flag, env var, default and help."""

@@ -1,6 +1,6 @@
 """The CR reference in docs/operator.md, generated from the CRD schema so the two cannot drift.
 
-Regenerate with `python -m kvpool.operator.crd_reference crds/kvcachepools.yaml docs/operator.md`.
+Regenerate with `python -m kvpool.cli.devtools.crd_reference crds/kvcachepools.yaml docs/operator.md`.
 """
 
 from __future__ import annotations

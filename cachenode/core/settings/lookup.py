@@ -1,40 +1,36 @@
-"""Settings of the lookup service; `kvpool lookup` (and later the operator) build from these."""
+"""What the lookup service starts from: `LookupSettings`, built and checked by `lookup_settings()`
+(`kvpool lookup`), or made in code (`kvpool up` runs one in-process)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from kvpool.cachenode.rpc.tls import ServerTLS
+from kvpool.cachenode.core.settings.node import ServerTLSMaterial
+from kvpool.cachenode.core.settings.registry import default, for_command
+from kvpool.cachenode.core.settings.setting import LOOKUP
 
-DEFAULT_PORT = 7410
-DEFAULT_HTTP_PORT = 7411
-DEFAULT_HOLDER_LEASE_S = 15.0
-DEFAULT_MAX_QUERY_KEYS = 8192
-DEFAULT_MAX_BATCH_EVENTS = 65536
-DEFAULT_MAX_SNAPSHOT_KEYS = 16 * 1024 * 1024
-DEFAULT_MAX_HOLDERS = 1024
-MAX_HOLDER_ID = 253  # a DNS name: pod names and node ids fit
-MAX_TIER = 32
-MAX_ADDRESS = 512
 MAX_TOKENS_PER_KEY = 1 << 20
+"""Largest chunk size (tokens per key) a Scores query may name."""
 
 
 @dataclass
 class LookupSettings:
     """Everything a lookup service needs to start; `validate()` before anything binds."""
 
-    host: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
-    http_port: int = DEFAULT_HTTP_PORT
-    holder_lease: float = DEFAULT_HOLDER_LEASE_S
+    host: str = default("host", LOOKUP)
+    port: int = default("port", LOOKUP)
+    http_port: int = default("http_port", LOOKUP)
+    holder_lease: float = default("holder_lease")
     rebuild_window: float | None = None  # None = one holder lease
-    max_query_keys: int = DEFAULT_MAX_QUERY_KEYS
-    max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS
-    max_snapshot_keys: int = DEFAULT_MAX_SNAPSHOT_KEYS
-    max_holders: int = DEFAULT_MAX_HOLDERS
+    max_query_keys: int = default("max_query_keys")
+    max_batch_events: int = default("max_batch_events")
+    max_snapshot_keys: int = default("max_snapshot_keys")
+    max_holders: int = default("max_holders")
     auth_token: str | None = None
-    tls: ServerTLS | None = None
-    advertise_host: str = ""
+    tls: ServerTLSMaterial | None = None
+    advertise_host: str = default("advertise_host", LOOKUP)
 
     @property
     def effective_rebuild_window(self) -> float:
@@ -59,3 +55,20 @@ class LookupSettings:
             raise ValueError(f"--max-holders must be 1..65536, got {self.max_holders}")
         if not 1 <= self.max_snapshot_keys <= 1 << 30:
             raise ValueError(f"--max-snapshot-keys must be 1..{1 << 30}, got {self.max_snapshot_keys}")
+
+
+_LOOKUP_FIELDS = (
+    "host", "port", "http_port", "holder_lease", "rebuild_window", "max_query_keys", "max_batch_events",
+    "max_snapshot_keys", "max_holders", "advertise_host",
+)  # fmt: skip
+
+
+def lookup_settings(
+    values: Mapping[str, Any], *, auth_token: str | None = None, tls: ServerTLSMaterial | None = None
+) -> LookupSettings:
+    """A validated LookupSettings from parsed values (missing → the lookup's defaults). Pure, like
+    node_settings."""
+    full = {s.name: s.value(s.default_for(LOOKUP)) for s in for_command(LOOKUP)} | dict(values)
+    settings = LookupSettings(**{name: full[name] for name in _LOOKUP_FIELDS}, auth_token=auth_token, tls=tls)
+    settings.validate()
+    return settings

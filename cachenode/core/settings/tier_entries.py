@@ -1,0 +1,207 @@
+"""The settings of the shared tiers (Redis/Valkey, S3) and of the pool's tier policy.
+
+Their checks are the ones `SharedTiersConfig.from_options` applies (shared_tiers.VALUE_CHECKS),
+so a flag, an env value and the operator refuse exactly what a node refuses.
+"""
+
+from __future__ import annotations
+
+from kvpool.cachenode.core.settings.parsers import boolean, checked
+from kvpool.cachenode.core.settings.setting import NODE_AND_AGENT, SERVERS, Setting
+from kvpool.cachenode.core.settings.shared_tiers import (
+    VALUE_CHECKS,
+    parse_pool_name,
+    parse_redis_url,
+    parse_s3_url,
+    parse_tier_order,
+    parse_write_mode,
+)
+
+TIER_SETTINGS: tuple[Setting, ...] = (
+    # -- shared tiers
+    Setting(
+        "pool_name",
+        "default",
+        "Pool name: the shared tiers' key prefix (tenants of different pools never meet).",
+        checked(parse_pool_name),
+        group="tiers",
+    ),
+    Setting(
+        "redis_url",
+        None,
+        "redis://, rediss:// (TLS), valkey:// or valkeys:// URL of the shared tier: "
+        "user:password@, /db, TLS options ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs in the query.",
+        checked(parse_redis_url),
+        group="tiers",
+        kind="URL",
+    ),
+    Setting("redis_username", None, "Redis ACL user (overrides the URL's).", group="tiers", secret=True),
+    Setting(
+        "redis_password",
+        None,
+        "Redis password (overrides the URL's; set it from a Secret).",
+        group="tiers",
+        secret=True,
+    ),
+    Setting("redis_prefix", None, "Key prefix in Redis (default kvpool:<pool>:).", group="tiers"),
+    Setting(
+        "redis_ttl",
+        None,
+        "TTL of chunks in Redis (e.g. 3600, 90s, 15m, 2h, 7d; 0 = none).",
+        VALUE_CHECKS["redis_ttl"],
+        group="tiers",
+        kind="seconds",
+    ),
+    Setting(
+        "redis_part_size",
+        "8MiB",
+        "Chunks above this are split into parts fetched in parallel (at most 8MiB).",
+        VALUE_CHECKS["redis_part_size"],
+        group="tiers",
+        kind="size",
+    ),
+    Setting(
+        "redis_timeout",
+        1.0,
+        "Redis socket timeout, seconds.",
+        VALUE_CHECKS["redis_timeout"],
+        group="tiers",
+        kind="seconds",
+    ),
+    Setting(
+        "redis_connections",
+        8,
+        "Redis connection pool size.",
+        VALUE_CHECKS["redis_connections"],
+        group="tiers",
+        kind="int",
+    ),
+    Setting(
+        "s3_url",
+        None,
+        "s3://bucket/prefix of the durable tier (one object per chunk; default prefix kvpool/<pool>).",
+        checked(parse_s3_url),
+        group="tiers",
+        kind="URL",
+    ),
+    Setting(
+        "s3_endpoint",
+        None,
+        "Any S3-compatible endpoint, http(s)://host:port (default: AWS).",
+        VALUE_CHECKS["s3_endpoint"],
+        group="tiers",
+        kind="URL",
+    ),
+    Setting("s3_region", None, "S3 region (default from the AWS configuration).", group="tiers"),
+    Setting(
+        "s3_path_style",
+        None,
+        "Path-style addressing (default: on with --s3-endpoint).",
+        boolean,
+        group="tiers",
+        kind="bool",
+        negatable=True,
+    ),
+    Setting(
+        "s3_multipart_threshold",
+        "16MiB",
+        "Multipart upload above this size.",
+        VALUE_CHECKS["s3_multipart_threshold"],
+        group="tiers",
+        kind="size",
+    ),
+    Setting(
+        "s3_part_size",
+        "8MiB",
+        "Multipart part size (at least 5MiB).",
+        VALUE_CHECKS["s3_part_size"],
+        group="tiers",
+        kind="size",
+    ),
+    Setting(
+        "s3_read_part_size",
+        "8MiB",
+        "Ranged parallel reads of this size, pinned to the object's ETag (0: one GET per object).",
+        VALUE_CHECKS["s3_read_part_size"],
+        group="tiers",
+        kind="size",
+    ),
+    Setting(
+        "s3_concurrency",
+        8,
+        "Parallel S3 transfers.",
+        VALUE_CHECKS["s3_concurrency"],
+        group="tiers",
+        kind="int",
+    ),
+    Setting(
+        "s3_timeout",
+        5.0,
+        "S3 read timeout, seconds.",
+        VALUE_CHECKS["s3_timeout"],
+        group="tiers",
+        kind="seconds",
+    ),
+    # -- tier policy
+    Setting(
+        "tier_order",
+        "redis,s3",
+        "Order in which shared tiers are read.",
+        checked(parse_tier_order),
+        group="policy",
+        kind="list",
+    ),
+    Setting(
+        "tier_write",
+        "through",
+        "through: every put is queued for the shared tiers; back: written when "
+        "evicted from the last local tier.",
+        checked(parse_write_mode),
+        group="policy",
+    ),
+    Setting(
+        "tier_promote",
+        True,
+        "Promote shared-tier hits into L1/L2.",
+        boolean,
+        group="policy",
+        kind="bool",
+        negatable=True,
+    ),
+    Setting(
+        "tier_queue_items",
+        1024,
+        "Background write queue, records (an agent's: its write-through to the cache nodes).",
+        VALUE_CHECKS["tier_queue_items"],
+        group="policy",
+        kind="int",
+        commands=SERVERS,
+        readers=NODE_AND_AGENT,
+    ),
+    Setting(
+        "tier_queue_size",
+        "512MiB",
+        "Background write queue, bytes (an agent's: its write-through to the cache nodes).",
+        VALUE_CHECKS["tier_queue_size"],
+        group="policy",
+        kind="size",
+        commands=SERVERS,
+        readers=NODE_AND_AGENT,
+    ),
+    Setting(
+        "tier_breaker_failures",
+        3,
+        "Failures in a row that open a tier's circuit breaker.",
+        VALUE_CHECKS["tier_breaker_failures"],
+        group="policy",
+        kind="int",
+    ),
+    Setting(
+        "tier_breaker_reset",
+        1.0,
+        "Seconds before an open breaker lets a half-open probe through.",
+        VALUE_CHECKS["tier_breaker_reset"],
+        group="policy",
+        kind="seconds",
+    ),
+)

@@ -1,0 +1,419 @@
+"""The connector's scheduler side (vLLM's engine core): which prompt chunks to load from the pool,
+which computed chunks to store, and when a request's blocks may be freed.
+
+A request's prompt → chained chunk keys (keys.py) that carry every other input that changes the KV
+(request_keys.py) → one batched lookup that pins what it found (a lease), run in a lookup thread so
+that a slow pool never holds up a scheduling step (the answer is kept per request; until it is
+known vLLM is told to ask again) → the longest run of full chunks the pool holds, always leaving at
+least one prompt token for vLLM to compute. Chunks are stored only one step after they were
+computed, once every worker's aggregated output showed no failed load for the request.
+
+It talks to the workers only through metadata.py and to the pool only through the connector's
+pool protocol (backend.py), so it runs with a fake pool and no engine (tests/connector).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+
+from kvpool.cachenode.core.settings import ConnectorSettings, loads_async
+
+from . import metrics
+from .keys import ModelFingerprint, chunk_keys
+from .metadata import KVPoolMetadata, KVPoolWorkerMeta, LoadTask, SaveTask, WorkerReport
+from .request_keys import AdapterDigests, key_inputs
+from .request_state import RequestState
+
+if TYPE_CHECKING:
+    from .backend import SafePool
+
+log = init_logger(__name__)
+
+LEASE_REUSE_MARGIN_S = 1.0  # a lookup's lease is reused while it has at least this long to live
+
+
+class ConnectorScheduler:
+    """The scheduler-side half of ``KVPoolConnector``; off until every worker has reported.
+
+    ``fingerprint`` turns a worker's report into the fingerprint its chunks are keyed under
+    (engine_config.fingerprint_for in an engine); ``refusals`` are the engine's own (eligibility.py).
+    """
+
+    def __init__(
+        self,
+        settings: ConnectorSettings,
+        pool: SafePool,
+        *,
+        tp: int,
+        pp: int,
+        block_size: int,
+        fingerprint: Callable[[WorkerReport], ModelFingerprint],
+        refusals: list[str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._pool = pool
+        self._tp, self._pp = tp, pp
+        self._block_size = block_size
+        self._C = settings.chunk_size
+        self._fingerprint = fingerprint
+        self._refusals = list(refusals or [])
+        self._enabled = False
+        self._async_loads = loads_async(settings)
+        self._kv_cache_manager: Any = None  # vLLM's: get_block_ids(request) → blocks per group
+        self._background: list[str] = []  # requests whose background load is sent this step
+        self._lookup_pool: ThreadPoolExecutor | None = None
+        self._reqs: dict[str, RequestState] = {}
+        self._fps: list[ModelFingerprint] = []  # index = pp_rank * tp + tp_rank
+        self._adapters = AdapterDigests()
+        self._logged_refusals: set[str] = set()
+        self._step = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        self._kv_cache_manager = kv_cache_manager
+
+    # -- start-up: the workers' reports ----------------------------------------------------------
+    def set_worker_reports(self, metadata: dict[tuple[int, int], Any]) -> None:
+        """Every worker's report, keyed (pp_rank, tp_rank): the cache turns on only when all of
+        them can be served, and each rank's chunks are keyed with its own fingerprint."""
+        reasons = list(self._refusals)
+        reports: dict[tuple[int, int], WorkerReport] = {}
+        for (pp, tp), report in metadata.items():
+            if isinstance(report, WorkerReport):
+                reports[(pp, tp)] = report
+                reasons += [f"worker tp{tp}/pp{pp}: {r}" for r in report.refusals]
+        missing = [(pp, tp) for pp in range(self._pp) for tp in range(self._tp) if (pp, tp) not in reports]
+        if missing and not self._refusals:
+            reasons.append(f"no report from workers {missing}")
+        if not reasons:
+            kinds = {(r.backend, r.layout, r.view_dtype, r.kv_quant) for r in reports.values()}
+            if len(kinds) > 1:
+                reasons.append(f"workers disagree on backend/layout/dtype/quantisation: {sorted(kinds)}")
+            unidentified = sorted(
+                (tp, pp) for (pp, tp), r in reports.items() if not r.identity.get("weights")
+            )
+            if unidentified:  # never key chunks by a name alone
+                reasons.append(f"workers {unidentified} sent no weights digest")
+        if reasons:
+            if not self._refusals:
+                log.warning("kvpool: cache off for this engine: %s", "; ".join(reasons))
+            self._enabled = False
+            return
+        self._fps = [self._fingerprint(reports[(pp, tp)]) for pp in range(self._pp) for tp in range(self._tp)]
+        self._enabled = True
+        for fp in self._fps:
+            log.info(
+                "kvpool: chunk keys of tp%d/pp%d use fingerprint %s %s",
+                fp.tp_rank, fp.pp_rank, fp.digest.hex()[:16], json.dumps(asdict(fp), sort_keys=True),
+            )  # fmt: skip
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def _refuse_once(self, reason: str) -> None:
+        metrics.STATS.add("refused_requests")
+        if reason not in self._logged_refusals:
+            self._logged_refusals.add(reason)
+            log.warning("kvpool: not caching requests with %s (neither loaded nor stored)", reason)
+
+    def _state(self, request: Any) -> RequestState:
+        """The request's state; its keys are hashed later, by ``_hash_keys`` in a lookup thread
+        (a prompt shorter than a chunk has none to hash)."""
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            n = int(request.num_prompt_tokens)
+            st = RequestState(
+                keys=None if n >= self._C else {r: [] for r in range(len(self._fps))}, prompt_tokens=n
+            )
+            self._reqs[request.request_id] = st
+        return st
+
+    def _hash_keys(self, st: RequestState, request: Any) -> None:
+        """Every rank's chunk keys of ``request`` (or why it cannot be keyed). Runs once per
+        request, in a lookup thread: reading the prompt, a LoRA adapter's digest (hashed when the
+        adapter is first seen) and hashing a long prompt stay off the scheduler thread."""
+        inputs = key_inputs(request, self._C, self._adapters)
+        if inputs.refused:
+            self._refuse_once(inputs.refused)
+            st.refused = inputs.refused
+            st.keys = {r: [] for r in range(len(self._fps))}
+            return
+        st.keys = {
+            r: chunk_keys(fp, inputs.tokens, salt=inputs.salt, adapter=inputs.adapter, extras=inputs.extras)
+            for r, fp in enumerate(self._fps)
+        }
+
+    def _interleaved(self, st: RequestState, n: int) -> list[bytes]:
+        """Chunk-major keys of every rank: a chunk counts only if every rank's shard is there."""
+        return [st.keys[r][i] for i in range(n) for r in range(len(self._fps))]
+
+    def _lookups(self) -> ThreadPoolExecutor:
+        if self._lookup_pool is None:
+            self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="kvpool-lookup")
+        return self._lookup_pool
+
+    def _ask_pool(self, st: RequestState, request: Any | None, lease_ms: int) -> tuple[int, int, float]:
+        """One batched lookup (in a lookup thread): (found, lease id, when it was asked). The
+        request's keys are hashed first if they are not yet; the lookup goes no further than the
+        request may load (``load_limit``)."""
+        if st.keys is None:
+            try:
+                self._hash_keys(st, request)
+            except Exception as exc:  # never fail a request over its keys: neither load nor store
+                log.warning(
+                    "kvpool: could not key a request (%s: %s); not caching it", type(exc).__name__, exc
+                )
+                st.refused, st.keys = (
+                    f"unkeyable input ({type(exc).__name__})",
+                    {r: [] for r in range(len(self._fps))},
+                )
+        n = len(st.keys[0]) if st.load_limit is None else min(st.load_limit, len(st.keys[0]))
+        asked = time.monotonic()
+        if st.refused or n == 0:
+            return 0, 0, asked
+        t0 = time.perf_counter()
+        count, lease_id = self._pool.lease_prefix(self._interleaved(st, n), lease_ms)
+        metrics.STATS.observe("lookup_seconds", time.perf_counter() - t0)
+        return count, lease_id, asked
+
+    def _lookup(self, st: RequestState, request: Any, computed: int) -> bool:
+        """Bring ``st``'s pool answer up to date; False while a lookup is still running after
+        ``lookup_wait_ms`` (vLLM then asks again in a later step)."""
+        lease_ms = self.settings.lease_ms if self.settings.load else 0
+        if st.lookup is None:
+            if st.lease is not None and st.lease[1] - LEASE_REUSE_MARGIN_S > time.monotonic():
+                return True  # the last lookup's pins still hold: its answer stands
+            self._drop_lease(st)
+            if st.keys is not None and (
+                not st.keys[0] or (st.load_limit is not None and st.load_limit * self._C <= computed)
+            ):  # nothing more this request may load (its last load failed there): no lookup at all
+                return True  # pool_chunks stays as the failure left it (_roll_back)
+            st.lookup = self._lookups().submit(
+                self._ask_pool, st, request if st.keys is None else None, lease_ms
+            )
+        try:
+            count, lease_id, asked = st.lookup.result(timeout=self.settings.lookup_wait_ms / 1000)
+        except TimeoutError:
+            return False
+        except Exception:  # cannot happen (SafePool answers misses); stay safe
+            count, lease_id, asked = 0, 0, time.monotonic()
+        st.lookup = None
+        st.found_in_pool(
+            count // len(self._fps), count, (lease_id, asked + lease_ms / 1000) if lease_id else None
+        )
+        return True
+
+    def _drop_lease(self, st: RequestState) -> None:
+        """The lookup's pins are not going to be read: end them now rather than at expiry (a
+        lookup still running ends its pins when it answers)."""
+        if st.lookup is not None:
+            st.lookup.add_done_callback(self._release_answer)
+            st.lookup = None
+        if st.lease is not None:
+            self._pool.release(st.lease[0])
+            st.lease = None
+
+    def _release_answer(self, answer: Future) -> None:
+        try:
+            _count, lease_id, _asked = answer.result()
+        except Exception:
+            return
+        self._pool.release(lease_id)
+
+    # -- vLLM's scheduler calls --------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self._enabled:
+            return 0, False
+        st = self._state(request)
+        if st.refused:
+            return 0, False
+        if (self.settings.load or self.settings.save) and not self._lookup(st, request, num_computed_tokens):
+            return None, False  # not known yet: vLLM skips the request this step and asks again
+        if st.refused:  # found out while hashing its keys
+            return 0, False
+        # Load as far as the pool goes, but leave at least one prompt token for vLLM to compute
+        # (it needs one to produce logits): the last chunk may be loaded up to a block boundary.
+        bs = self._block_size
+        limit = (st.prompt_tokens - 1) // bs * bs
+        hit_tokens = min(st.pool_chunks * self._C, limit) if self.settings.load else 0
+        if not st.counted:
+            st.counted = True
+            metrics.STATS.add("requests")
+            metrics.STATS.add("requested_tokens", st.prompt_tokens)
+            metrics.STATS.add("hit_tokens", hit_tokens)
+        if hit_tokens <= num_computed_tokens:
+            st.load = None
+            self._drop_lease(st)
+            return 0, False
+        st.load = (num_computed_tokens, hit_tokens)
+        return hit_tokens - num_computed_tokens, self._async_loads
+
+    def update_state_after_alloc(self, request: Any, num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            return
+        if num_external_tokens > 0 and st.load is not None:
+            end = st.load[1]
+            st.load = (end - num_external_tokens, end)
+            if self._async_loads:  # not scheduled until loaded: sent to the workers this step
+                self._background.append(request.request_id)
+        else:
+            st.load = None
+            self._drop_lease(st)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """A step's aggregated worker output: confirm what it computed, or roll back every request
+        that loaded or may have read KV that failed to load (nothing it computed on top of that
+        is stored). A request whose own load failed never loads from that chunk on again."""
+        for req_id in getattr(connector_output, "finished_recving", None) or ():
+            st = self._reqs.get(req_id)
+            if st is not None:
+                st.loading = False
+        wm = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(wm, KVPoolWorkerMeta):
+            return
+        for req_id, chunk in wm.failed.items():
+            st = self._reqs.get(req_id)
+            if st is not None:
+                self._roll_back(st, chunk)
+                st.load_limit = chunk if st.load_limit is None else min(st.load_limit, chunk)
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if invalid and self._kv_cache_manager is not None:
+            for req_id, chunk in self._readers_of(set(invalid), skip=wm.failed).items():
+                self._roll_back(self._reqs[req_id], chunk)
+        for st in self._reqs.values():
+            st.confirm(wm.step)
+
+    def _readers_of(self, invalid: set[int], skip: dict[str, int]) -> dict[str, int]:
+        """Requests other than ``skip`` whose blocks include blocks that failed to load, with the
+        chunk of the first such block: vLLM shares a block being loaded in a step with every
+        same-prefix request of that step (a burst, ``n > 1`` sampling) as soon as it is allocated."""
+        readers: dict[str, int] = {}
+        for req_id in self._reqs:
+            if req_id in skip:
+                continue
+            try:
+                blocks = self._kv_cache_manager.get_block_ids(req_id)[0]
+            except Exception:  # freed by vLLM already: nothing of it is stored any more
+                continue
+            first = next((i for i, b in enumerate(blocks) if b in invalid), None)
+            if first is not None:
+                readers[req_id] = first * self._block_size // self._C
+        return readers
+
+    def _roll_back(self, st: RequestState, chunk: int) -> None:
+        metrics.STATS.add("unsaved_tokens", st.roll_back(chunk) * self._C)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVPoolMetadata:
+        self._step += 1
+        meta = KVPoolMetadata(step=self._step, idle=not scheduler_output.total_num_scheduled_tokens)
+        if not self._enabled or self._kv_cache_manager is None:
+            return meta
+        # Preempted requests lost their blocks (maybe to a request of this very step): what they
+        # computed but did not save yet is gone; they recompute or reload it later. Copies out of
+        # their blocks that may still run must end before this step's forward pass writes them.
+        for req_id in scheduler_output.preempted_req_ids or ():
+            st = self._reqs.get(req_id)
+            if st is not None:
+                st.preempted()
+                meta.fence = meta.fence or st.saving
+        if self.settings.save:
+            self._confirmed_saves(meta)
+        for req_id in self._background:  # waiting for their load, not scheduled
+            st = self._reqs.get(req_id)
+            if st is not None and st.load is not None:
+                meta.loads.append(self._load_task(req_id, st, background=True))
+                st.loading = True
+        self._background.clear()
+        computed: dict[str, int] = {
+            r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs
+        }
+        cached = scheduler_output.scheduled_cached_reqs
+        computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=False))
+        for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
+            st = self._reqs.get(req_id)
+            if st is None or st.keys is None or st.refused or req_id not in computed:
+                continue
+            if st.load is not None:  # loaded inside this step, before its forward pass
+                meta.loads.append(self._load_task(req_id, st, background=False))
+            if self.settings.save:
+                st.record(self._step, min(len(st.keys[0]), (computed[req_id] + n_sched) // self._C))
+        return meta
+
+    def _load_task(self, req_id: str, st: RequestState, background: bool) -> LoadTask:
+        """The workers' orders for ``st.load``; its lease goes with them (each releases its keys)."""
+        bs = self._block_size
+        start, end = st.load
+        first = start // self._C
+        last = -(-end // self._C)  # the last chunk may be loaded in part
+        block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
+        lease_id, lease_keys = 0, {}
+        if st.lease is not None:
+            lease_id, st.lease = st.lease[0], None
+            n = len(self._fps)  # rank r's chunk i sat at i*n + r of the pinned lookup
+            lease_keys = {r: k[: max(0, st.pinned - r + n - 1) // n] for r, k in st.keys.items()}
+        st.load = None
+        return LoadTask(
+            req_id=req_id,
+            keys={r: k[first:last] for r, k in st.keys.items()},
+            first_chunk=first,
+            block_ids=list(block_ids[start // bs : end // bs]),
+            start_token=start,
+            end_token=end,
+            prompt_tokens=st.prompt_tokens,
+            lease_id=lease_id,
+            lease_keys=lease_keys,
+            background=background,
+        )
+
+    def _confirmed_saves(self, meta: KVPoolMetadata) -> None:
+        """Chunks whose computing step came back clean are stored now (their blocks are still the
+        request's: running, or finished with the free delayed for us). Finished requests with
+        nothing left to wait for are released."""
+        bs = self._block_size
+        for req_id, st in list(self._reqs.items()):
+            first, done = st.saved_upto, st.confirmed_upto
+            if done > first:
+                block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
+                meta.saves.append(
+                    SaveTask(
+                        req_id=req_id,
+                        keys={r: k[first:done] for r, k in st.keys.items()},
+                        first_chunk=first,
+                        block_ids=list(block_ids[first * self._C // bs : done * self._C // bs]),
+                    )
+                )
+                st.saved_upto = done
+                st.saving = True
+            if st.finished and not st.pending:
+                meta.released.append(req_id)
+                del self._reqs[req_id]
+
+    def request_finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            return False, None
+        self._drop_lease(st)
+        if st.loading:  # aborted while loading: vLLM itself keeps its blocks until the load ends
+            del self._reqs[request.request_id]
+            return False, None
+        if self._enabled and (st.pending or st.confirmed_upto > st.saved_upto or st.saving):
+            # keep the blocks until the confirmed chunks are stored and every copy out of them
+            # has finished (on a GPU those run on a side stream)
+            st.finished = True
+            return True, None
+        del self._reqs[request.request_id]
+        return False, None
+
+    def shutdown(self, flush_s: float) -> None:
+        if self._lookup_pool is not None:
+            self._lookup_pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.flush(flush_s)
