@@ -88,6 +88,15 @@ class LazyPool:
     def get_many(self, keys: Sequence[bytes]) -> list[object | None]:
         return self._pool().get_many(keys)
 
+    def get_many_into(self, keys: Sequence[bytes]) -> list[Held | None]:
+        """The found pool's pooled-buffer read when it has one (a remote pool), else its values
+        as ``Borrowed``."""
+        pool = self._pool()
+        get = getattr(pool, "get_many_into", None)
+        if get is not None:
+            return get(keys)
+        return [None if v is None else Borrowed(v) for v in pool.get_many(keys)]
+
     def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
         self._pool().put_many(items)
 
@@ -207,6 +216,3 @@ class RendezvousPool(LazyPool):
     def _open(self) -> RemotePool:
         with open(self._rendezvous) as f:  # missing → an error → a miss
             return RemotePool(f.read().strip(), self._timeout)
-
-    def get_many_into(self, keys: Sequence[bytes]) -> list[Held | None]:
-        return self._pool().get_many_into(keys)  # type: ignore[attr-defined]

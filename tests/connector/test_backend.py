@@ -112,6 +112,25 @@ def test_embedded_pool_round_trip_and_lookup_over_loopback():
     sched.close()
 
 
+def test_a_pool_at_a_url_reads_into_the_clients_pooled_buffers():
+    """KVPOOL_URL's pool (``UrlPool``) must hand out the client's receive buffers, not copies."""
+    from kvpool.cachenode.client.buffers import PooledBuffer
+    from kvpool.connector.backend import rendezvous_path
+    from kvpool.connector.pools import UrlPool
+
+    owner = open_pool(None, memory_bytes=1 << 20, disk_dir=None, disk_bytes=0, timeout_s=1, engine_id="t-url")
+    assert owner.put_many([(b"a" * 32, b"x" * 4096)])
+    with open(rendezvous_path("t-url")) as f:
+        url = f.read().strip()
+    pool = SafePool(UrlPool(url, 1.0))
+    held = pool.get_many_into([b"a" * 32, b"z" * 32])
+    assert held[1] is None
+    assert isinstance(held[0], PooledBuffer)
+    assert bytes(held[0].view) == b"x" * 4096
+    held[0].release()
+    pool.close()
+
+
 def test_settings_extra_config_beats_env_and_sizes_parse():
     s = load_settings(
         {"chunk_size": 128, "memory": "1GiB"}, env={"KVPOOL_CHUNK_SIZE": "64", "KVPOOL_URL": "grpc://x:1"}
