@@ -65,9 +65,8 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 def lookup(n_keys: int, holders: int, queries: int, runs: int, inflight: int, batch: int, server_cpu: int,
            as_json: bool) -> None:  # fmt: skip
     """Lookup keys/s, p50/p99, ingest events/s and bytes per entry, vs a plain dict walk."""
-    import grpc
-
     from kvpool.cachenode.client.lookup import LookupClient
+    from kvpool.cachenode.rpc.channels import open_url
     from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
     from kvpool.cachenode.rpc.proto import lookup_pb2_grpc as pb_grpc
     from kvpool.cli.devtools.local_servers import kvpool_lookup
@@ -90,8 +89,7 @@ def lookup(n_keys: int, holders: int, queries: int, runs: int, inflight: int, ba
 
     with kvpool_lookup("--holder-lease", "3600", "--rebuild-window", "0", "--log-level", "warning",
                        "--max-batch-events", str(max(batch, 65536)), cpus={server}) as service:  # fmt: skip
-        channel = grpc.insecure_channel(service.url.removeprefix("grpc://"),
-                                        options=[("grpc.max_send_message_length", 64 << 20)])  # fmt: skip
+        channel = open_url(service.url, options=[("grpc.max_send_message_length", 64 << 20)])
         stub = pb_grpc.LookupStub(channel)
         stats = LookupClient(service.url, timeout=60)
         rss_empty = stats.stats()["rss_bytes"]
@@ -266,15 +264,14 @@ def _start_noop_server(cpu: int):
     """The same-run gRPC baseline: a server on the same CPU that answers Locate with nothing."""
     import subprocess
 
-    import grpc
-
+    from kvpool.cachenode.rpc.channels import open_url
     from kvpool.cli.devtools.local_servers import free_port, wait_port
 
     port = free_port()
     cmd = [sys.executable, "-P", "-m", "kvpool.cli.bench.lookup", str(port)]
     proc = subprocess.Popen(cmd, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     wait_port(port, proc=proc)
-    return proc, grpc.insecure_channel(f"127.0.0.1:{port}")
+    return proc, open_url(f"grpc://127.0.0.1:{port}")
 
 
 def serve_noop(port: int) -> None:
