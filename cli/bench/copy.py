@@ -5,8 +5,10 @@ paged) beside the pure-torch reference and beside a plain copy of the same numbe
 two contiguous buffers (torch's `copy_`, a memcpy spread over torch's threads: the fastest plain
 way to move them here). On a GPU, also: load (pinned host chunk -> paged cache on the GPU) beside a
 plain pinned host->device copy of the same bytes, and save (paged -> pinned host chunk) beside a
-plain device->host copy. Every path runs in every run, interleaved, so drift in the machine's speed
-hits them alike; ratios pair each run's figures and report the median.
+plain device->host copy. Every path runs in every run, in an order rotated run by run, so drift in
+the machine's speed hits them alike; ratios pair each run's figures and report the median. Each
+baseline's destination is cleared before its timed calls and compared with its source after them
+(`bytes_verified`: the bytes each baseline was seen to move).
 
 Progress goes to stderr; the last stdout line is one JSON object.
 """
@@ -104,30 +106,63 @@ class _Setup:
             torch.cuda.synchronize()
 
 
-def _cpu_run(s: _Setup, repeat: int) -> dict[str, float]:
+def _rotated(paths: list, shift: int) -> list:
+    """`paths` rotated by `shift`: each path leads in turn within a run."""
+    shift %= len(paths)
+    return paths[shift:] + paths[:shift]
+
+
+def _timed_paths(paths: list, repeat: int, sync, nbytes: int, shift: int) -> dict[str, float]:
+    return {name: _gbps(nbytes, fn, repeat, sync) for name, fn in _rotated(paths, shift)}
+
+
+def _cpu_run(s: _Setup, repeat: int, shift: int = 0) -> tuple[dict[str, float], int]:
+    """GB/s of every CPU path (in an order rotated by `shift`), and the bytes the memcpy baseline
+    was seen to move: its destination is cleared first and compared with its source after."""
     import torch
 
     src = torch.randint(0, 255, (s.nbytes,), dtype=torch.uint8)
-    dst = torch.zeros_like(src)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault its pages in first, as the paged cache's are: the copy is what is timed
+    dst.zero_()  # then cleared, so the check after the timed calls shows they moved the bytes
     none = s.sync
-    return {
-        "gather_gbps": _gbps(s.nbytes, lambda: s.gather("csrc"), repeat, none),
-        "torch_gather_gbps": _gbps(s.nbytes, lambda: s.gather("torch"), repeat, none),
-        "scatter_gbps": _gbps(s.nbytes, lambda: s.scatter("csrc"), repeat, none),
-        "torch_scatter_gbps": _gbps(s.nbytes, lambda: s.scatter("torch"), repeat, none),
-        "baseline_memcpy_gbps": _gbps(s.nbytes, lambda: dst.copy_(src), repeat, none),
-    }
+    paths = [
+        ("gather_gbps", lambda: s.gather("csrc")),
+        ("torch_gather_gbps", lambda: s.gather("torch")),
+        ("scatter_gbps", lambda: s.scatter("csrc")),
+        ("torch_scatter_gbps", lambda: s.scatter("torch")),
+        ("baseline_memcpy_gbps", lambda: dst.copy_(src)),
+    ]
+    figures = _timed_paths(paths, repeat, none, s.nbytes, shift)
+    return figures, s.nbytes if torch.equal(dst, src) else 0
 
 
-def _gpu_run(s: _Setup, repeat: int, host, device) -> dict[str, float]:
-    return {
-        "load_gbps": _gbps(s.nbytes, lambda: s.scatter("csrc"), repeat, s.sync),
-        "torch_load_gbps": _gbps(s.nbytes, lambda: s.scatter("torch"), repeat, s.sync),
-        "baseline_h2d_gbps": _gbps(s.nbytes, lambda: device.copy_(host, non_blocking=True), repeat, s.sync),
-        "save_gbps": _gbps(s.nbytes, lambda: s.gather("csrc"), repeat, s.sync),
-        "torch_save_gbps": _gbps(s.nbytes, lambda: s.gather("torch"), repeat, s.sync),
-        "baseline_d2h_gbps": _gbps(s.nbytes, lambda: host.copy_(device, non_blocking=True), repeat, s.sync),
-    }
+def _gpu_run(s: _Setup, repeat: int, host, device, shift: int = 0) -> tuple[dict[str, float], dict[str, int]]:
+    """GB/s of every GPU path (loads, then saves, each group rotated by `shift`), and the bytes
+    the H2D and D2H baselines were seen to move (destinations cleared first, compared after)."""
+    import torch
+
+    host.random_(0, 255)
+    device.zero_()
+    loads = [
+        ("load_gbps", lambda: s.scatter("csrc")),
+        ("torch_load_gbps", lambda: s.scatter("torch")),
+        ("baseline_h2d_gbps", lambda: device.copy_(host, non_blocking=True)),
+    ]
+    figures = _timed_paths(loads, repeat, s.sync, s.nbytes, shift)
+    s.sync()
+    moved = {"baseline_h2d_gbps": s.nbytes if torch.equal(device.cpu(), host) else 0}
+    device.random_(0, 255)
+    host.zero_()
+    saves = [
+        ("save_gbps", lambda: s.gather("csrc")),
+        ("torch_save_gbps", lambda: s.gather("torch")),
+        ("baseline_d2h_gbps", lambda: host.copy_(device, non_blocking=True)),
+    ]
+    figures.update(_timed_paths(saves, repeat, s.sync, s.nbytes, shift))
+    s.sync()
+    moved["baseline_d2h_gbps"] = s.nbytes if torch.equal(device.cpu(), host) else 0
+    return figures, moved
 
 
 RATIOS = {
@@ -209,7 +244,10 @@ def copy_cmd(
     )
     cpu.check()
     result.update(
-        cpu_layout=cpu_layout, cpu_block_tokens=block_tokens or 128, mib_per_call=round(cpu.nbytes / 2**20, 2)
+        cpu_layout=cpu_layout,
+        cpu_block_tokens=block_tokens or 128,
+        mib_per_call=round(cpu.nbytes / 2**20, 2),
+        bytes_per_call=cpu.nbytes,
     )
     gpu_reason = _gpu_skip_reason()
     gpu = host = device = None
@@ -231,18 +269,29 @@ def copy_cmd(
         err=True,
     )
 
+    verified: dict[str, int] = {}  # baseline -> bytes it was seen to move, over the counted runs
     for run in range(-1, runs):  # run -1 warms threads, pages and caches; not counted
-        figures = _cpu_run(cpu, repeat)
+        figures, memcpy_bytes = _cpu_run(cpu, repeat, max(run, 0))
+        moved = {"baseline_memcpy_gbps": memcpy_bytes}
         if gpu is not None:
-            figures.update(_gpu_run(gpu, repeat, host, device))
+            gpu_figures, gpu_moved = _gpu_run(gpu, repeat, host, device, max(run, 0))
+            figures.update(gpu_figures)
+            moved.update(gpu_moved)
         if run < 0:
             continue
+        for key, nbytes in moved.items():
+            verified[key] = verified.get(key, 0) + nbytes
         for key, value in figures.items():
             samples.setdefault(key, []).append(value)
         click.echo(
             f"run {run + 1}/{runs}: " + ", ".join(f"{k}={v:.2f}" for k, v in figures.items()), err=True
         )
 
+    result["order"] = "rotated run by run (on a GPU: loads, then saves, each group rotated)"
+    result["bytes_expected"] = runs * cpu.nbytes  # per baseline: the last call of each run checked
+    result["bytes_verified"] = verified
+    if gpu is not None:
+        result["bytes_expected_gpu"] = runs * gpu.nbytes  # per GPU baseline (H2D, D2H)
     for key, values in samples.items():
         result[key] = round(statistics.median(values), 3)
         result[f"spread_{key}"] = _spread(values)

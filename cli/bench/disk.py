@@ -53,7 +53,10 @@ def memory_path(size: int, repeat: int) -> dict:
     t_copy = _median_time(lambda: np.copyto(dst, src), repeat)
     view = memoryview(src)
     t_hash = _median_time(lambda: xxhash.xxh3_64_intdigest(view), repeat)
+    dst[:] = 0
+    np.copyto(dst, src)  # once more after clearing, to show the copy moves the bytes
     return {
+        "memcpy_bytes_verified": size if np.array_equal(dst, src) else 0,
         "memcpy_gbps": _gbps(size, t_copy),
         "xxh3_gbps": _gbps(size, t_hash),
         # a get that moves the bytes once at memcpy speed, plus one verify pass
@@ -61,8 +64,9 @@ def memory_path(size: int, repeat: int) -> dict:
     }
 
 
-def socket_gbps(size: int, repeat: int) -> float:
-    """A plain loopback socket moving the value once: what a network get is bounded by."""
+def socket_path(size: int, repeat: int) -> dict:
+    """A plain loopback socket moving the value once: what a network get is bounded by. Also the
+    bytes it received and whether the last value received equals the one sent."""
     a, b = socket.socketpair()
     for s in (a, b):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
@@ -77,16 +81,26 @@ def socket_gbps(size: int, repeat: int) -> float:
     thread = threading.Thread(target=sender)
     thread.start()
     times = []
+    received = 0
     for _ in range(repeat + 1):
         start = time.perf_counter()
         got = 0
         while got < size:
-            got += b.recv_into(dst[got:])
+            n = b.recv_into(dst[got:])
+            if n == 0:
+                raise ConnectionError("the sender closed early")
+            got += n
         times.append(time.perf_counter() - start)
+        received += got
     thread.join()
     a.close()
     b.close()
-    return _gbps(size, statistics.median(times[1:]))
+    return {
+        "gbps": _gbps(size, statistics.median(times[1:])),
+        "bytes_received": received,
+        "bytes_expected": (repeat + 1) * size,
+        "verified": dst == src,
+    }
 
 
 def disk_path(directory: str, size: int, count: int, rounds: int) -> dict:
@@ -97,17 +111,23 @@ def disk_path(directory: str, size: int, count: int, rounds: int) -> dict:
     plain = DiskTier(directory, tier.capacity, verify=False, name=f"bench-nv-{size}")
     plain.rebuild_index()
 
+    moved = {tier.name: 0, plain.name: 0}
+
     def read_all(t: DiskTier) -> float:
         start = time.perf_counter()
         for key in keys:
-            assert t.get(key) is not None
+            value = t.get(key)
+            if value is None:
+                raise click.ClickException(f"{t.name}: a stored value is missing")
+            moved[t.name] += memoryview(value).nbytes
         return time.perf_counter() - start
 
     read_all(tier)  # warm the page cache
+    moved[tier.name] = 0
     verified, unverified = [], []
-    for _ in range(rounds):  # interleaved, so drift hits both alike
-        verified.append(read_all(tier))
-        unverified.append(read_all(plain))
+    for r in range(rounds):  # interleaved, the leader alternating, so drift hits both alike
+        for t, times in ((tier, verified), (plain, unverified))[:: 1 if r % 2 == 0 else -1]:
+            times.append(read_all(t))
     total = size * count
     g_verify = _gbps(total, statistics.median(verified))
     g_plain = _gbps(total, statistics.median(unverified))
@@ -115,6 +135,9 @@ def disk_path(directory: str, size: int, count: int, rounds: int) -> dict:
         "get_gbps_verify": g_verify,
         "get_gbps_no_verify": g_plain,
         "cost_pct": 100 * (1 - g_verify / g_plain),
+        "bytes_expected": rounds * total,
+        "bytes_verify": moved[tier.name],
+        "bytes_no_verify": moved[plain.name],
     }
 
 
@@ -158,7 +181,8 @@ def disk(records: int, directory: str | None, as_json: bool) -> None:
             )
         for size, count in SIZES:
             mem = memory_path(size, repeat=20)
-            sock = socket_gbps(size, repeat=10)
+            sock_path = socket_path(size, repeat=10)
+            sock = sock_path["gbps"]
             sock_cost = 100 * (1 / mem["xxh3_gbps"]) / (1 / sock + 1 / mem["xxh3_gbps"])
             disk = disk_path(os.path.join(base, f"get-{size}"), size, count, rounds=5)
             if not as_json:
@@ -177,6 +201,14 @@ def disk(records: int, directory: str | None, as_json: bool) -> None:
                 "disk_get_gbps_no_verify": round(disk["get_gbps_no_verify"], 3),
                 "verify_cost_disk_get_pct": round(disk["cost_pct"], 2),
                 "values": count,
+                # what each baseline was seen to move
+                "memcpy_bytes_verified": mem["memcpy_bytes_verified"],
+                "socket_bytes_received": sock_path["bytes_received"],
+                "socket_bytes_expected": sock_path["bytes_expected"],
+                "socket_last_value_equal": sock_path["verified"],
+                "disk_get_bytes_expected": disk["bytes_expected"],
+                "disk_get_bytes_verify": disk["bytes_verify"],
+                "disk_get_bytes_no_verify": disk["bytes_no_verify"],
             }
             shutil.rmtree(os.path.join(base, f"get-{size}"))
         r = rebuild(os.path.join(base, "rebuild"), records)

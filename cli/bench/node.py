@@ -4,7 +4,14 @@ with `--transport nixl`, over NIXL beside a raw NIXL READ and the TCP data chann
 
 The get is the connector's path: `Client.get_many_into` receives each value straight into the
 client's pooled, page-aligned receive buffers, released once read, so nothing is allocated per
-value and the process needs no malloc tuning (it tunes none unless `--malloc-tuning`)."""
+value and the process needs no malloc tuning (it tunes none unless `--malloc-tuning`).
+
+Within a run the puts go first (each get reads what its own put stored), then the gets, each
+group in an order rotated run by run, so no path always runs first on a machine whose load drifts.
+Valkey is measured twice for gets: valkey-py's `GET` (its default reader, which allocates each
+value) and a `GET` on one connection received with `recv_into` into a reused buffer
+(tiers_raw.RawValkey), one key per request as kvpool's get. Every path counts the bytes it moved
+and the ends of each value it got; the JSON reports them beside what was expected."""
 
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from collections.abc import Callable
 import click
 
 from ..options import option
+from .moved import Moved
 
 MiB = 1024 * 1024
 SIZES = {"4m": 4 * MiB, "32m": 32 * MiB}
@@ -42,30 +50,84 @@ def _spread(values: list[float]) -> dict:
     }
 
 
-def _measure(client, raw, vclient, value: bytes, count: int) -> dict[str, float]:
-    """One pass of every path over `count` values of one size; GB/s per path."""
+def _rotated(paths: list, shift: int) -> list:
+    """`paths` rotated by `shift`: each path leads in turn, so load that drifts within a run does
+    not always fall on the same one."""
+    shift %= len(paths)
+    return paths[shift:] + paths[:shift]
+
+
+def _measure(client, raw, vclient, vraw, value: bytes, count: int, shift: int) -> tuple[dict, dict]:
+    """One pass of every path over `count` values of one size: GB/s per path, and what each moved.
+
+    The puts run first (each get reads what its put stored), then the gets; within each group
+    the order is rotated by `shift` (the run's number), so no path always runs first."""
     size = len(value)
     keys = [f"bench-{size}-{i}".encode() for i in range(count)]
-    moved = count * size
-    figures = {
-        "baseline_tcp_gbps": _gbps(moved, lambda: [raw.get(size) for _ in keys]),
-        "baseline_tcp_put_gbps": _gbps(moved, lambda: [raw.put(size) for _ in keys]),
-        "put_gbps": _gbps(moved, lambda: [client.put(k, value) for k in keys]),
-        "get_gbps": _gbps(moved, lambda: [_get_into(client, k) for k in keys]),
-    }
+    view = memoryview(value)
+
+    def tcp_get() -> Moved:
+        moved = Moved()
+        for _ in keys:
+            moved.add(raw.get(size))
+        return moved
+
+    def get() -> Moved:
+        moved = Moved()
+        for k in keys:
+            _get_into(client, k, moved)
+        return moved
+
+    def valkey_get() -> Moved:
+        moved = Moved()
+        for k in keys:
+            moved.add(memoryview(vclient.get(k)))
+        return moved
+
+    def valkey_recv_into_get() -> Moved:  # one key per request, as kvpool's get
+        moved = Moved()
+        for k in keys:
+            moved.extend(vraw.get_many([k]))
+        return moved
+
+    def put() -> int:
+        for k in keys:
+            client.put(k, value)
+        return count * size
+
+    puts = [
+        ("baseline_tcp_put_gbps", lambda: sum(raw.put(view) for _ in keys)),
+        ("put_gbps", put),
+        ("baseline_valkey_put_gbps", lambda: sum(size for k in keys if vclient.set(k, value))),
+    ]
+    gets = [
+        ("baseline_tcp_gbps", tcp_get),
+        ("get_gbps", get),
+        ("baseline_valkey_get_gbps", valkey_get),
+        ("baseline_valkey_recv_into_get_gbps", valkey_recv_into_get),
+    ]
+    figures: dict[str, float] = {}
+    moved: dict[str, tuple[int, int | None]] = {}  # path -> (bytes, values right; None for puts)
+    for name, fn in _rotated(puts, shift) + _rotated(gets, shift):
+        started = time.perf_counter()
+        out = fn()
+        figures[name] = count * size / (time.perf_counter() - started) / 1e9
+        moved[name] = (out.nbytes, out.matches([value] * count)) if isinstance(out, Moved) else (out, None)
     for key in (keys[0], keys[-1]):  # checked outside the timed pass
         with client.get_many_into([key])[key] as buf:
             if buf.view != value:
                 raise click.ClickException("kvpool returned bytes that differ from what was put")
-    figures["baseline_valkey_put_gbps"] = _gbps(moved, lambda: [vclient.set(k, value) for k in keys])
-    figures["baseline_valkey_get_gbps"] = _gbps(moved, lambda: [vclient.get(k) for k in keys])
+    if raw.buffer[:size] != value:  # the plain socket's last get, whole
+        raise click.ClickException("the plain-socket baseline returned bytes that differ from the value")
     vclient.delete(*keys)
-    return figures
+    return figures, moved
 
 
-def _get_into(client, key: bytes) -> None:
-    """What the connector does: receive into a pooled buffer, read it, give it back."""
-    client.get_many_into([key])[key].release()
+def _get_into(client, key: bytes, moved: Moved) -> None:
+    """What the connector does: receive into a pooled buffer, read it, give it back (here the
+    read is `moved` counting the bytes and keeping the value's ends)."""
+    with client.get_many_into([key])[key] as buf:
+        moved.add(buf.view)
 
 
 @click.command("node")
@@ -93,10 +155,12 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
     import valkey
 
     from kvpool.cachenode import Client
+    from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
     from kvpool.cachenode.core.tuning import tune_malloc_for_large_buffers
     from kvpool.cli.devtools.local_servers import kvpool_up, valkey_server
 
     from .tcp import TcpBaselineClient
+    from .tiers_raw import RawValkey
 
     if malloc_tuning:
         tune_malloc_for_large_buffers()  # only valkey-py allocates what it gets here
@@ -107,6 +171,10 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
         text=True,
     )
     samples: dict[str, list[float]] = {}
+    bytes_moved: dict[str, int] = {}  # path_size -> bytes over the counted runs
+    verified: dict[str, int] = {}  # get path_size -> values whose ends were the value's
+    expected: dict[str, int] = {}  # size -> bytes each path should have moved
+    expected_values: dict[str, int] = {}
     try:
         tcp_port = int(tcp.stdout.readline())
         with kvpool_up("--memory", f"{2 * total + 64}MiB") as (_, url), valkey_server() as vk:
@@ -116,12 +184,23 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
             client = Client(url, transport="grpc")
             raw = TcpBaselineClient(tcp_port, max(SIZES.values()))
             vclient = valkey.Valkey(host="127.0.0.1", port=vk.port)
+            vcfg = SharedTiersConfig.from_options(redis_url=f"redis://127.0.0.1:{vk.port}/0").redis
+            vraw = RawValkey(vcfg, lanes=1, max_size=max(SIZES.values()))
             for run in range(-1, runs):  # run -1 warms caches, heaps and connections; not counted
                 for name, size in SIZES.items():
-                    figures = _measure(client, raw, vclient, payloads[name], max(1, total * MiB // size))
+                    count = max(1, total * MiB // size)
+                    figures, moved = _measure(
+                        client, raw, vclient, vraw, payloads[name], count, shift=max(run, 0)
+                    )
                     if run >= 0:
                         for metric, gbps in figures.items():
                             samples.setdefault(f"{metric}_{name}", []).append(gbps)
+                            nbytes, right = moved[metric]
+                            bytes_moved[f"{metric}_{name}"] = bytes_moved.get(f"{metric}_{name}", 0) + nbytes
+                            if right is not None:
+                                verified[f"{metric}_{name}"] = verified.get(f"{metric}_{name}", 0) + right
+                        expected[name] = expected.get(name, 0) + count * size
+                        expected_values[name] = expected_values.get(name, 0) + count
                 if run >= 0:
                     _progress(
                         f"run {run + 1}/{runs}: "
@@ -130,10 +209,20 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
             client.close()
             raw.close()
             vclient.close()
+            vraw.close()
     finally:
         tcp.terminate()
         tcp.wait()
-    result: dict = {"runs": runs, "mib_per_run": total, "malloc_tuning": malloc_tuning}
+    result: dict = {
+        "runs": runs,
+        "mib_per_run": total,
+        "malloc_tuning": malloc_tuning,
+        "order": "puts, then gets; each group rotated run by run",
+        "bytes_expected": expected,
+        "bytes_moved": bytes_moved,
+        "values_expected": expected_values,
+        "values_verified": verified,
+    }
     for key, values in sorted(samples.items()):
         result[key] = round(statistics.median(values), 3)
         result[f"spread_{key}"] = _spread(values)
@@ -144,6 +233,7 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
         "ratio_put_vs_tcp": ("put_gbps", "baseline_tcp_put_gbps"),
         "ratio_get_vs_valkey": ("get_gbps", "baseline_valkey_get_gbps"),
         "ratio_put_vs_valkey": ("put_gbps", "baseline_valkey_put_gbps"),
+        "ratio_get_vs_valkey_recv_into": ("get_gbps", "baseline_valkey_recv_into_get_gbps"),
     }
     for name in SIZES:
         for ratio, (ours, theirs) in pairs.items():

@@ -4,6 +4,9 @@ same bytes between two processes and beside kvpool's own TCP data channel, same 
 Every path moves the same batch of 32 MiB chunks per request and receives into memory that is
 registered and faulted in once: the raw reader into its own region, kvpool's NIXL get and the
 TCP data channel (`get_many_into`) into the client's receive pool. Puts send the caller's bytes.
+Within a run the puts go first, then the gets, each group in an order rotated run by run. Every
+get path counts the bytes it received and the ends of each chunk (the raw reader's region blanked
+at the ends before each READ), reported beside what was expected.
 """
 
 from __future__ import annotations
@@ -17,14 +20,10 @@ from collections.abc import Callable
 
 import click
 
+from .moved import SAMPLE, Moved
+
 MiB = 1024 * 1024
 CHUNK = 32 * MiB
-
-
-def _gbps(total_bytes: int, fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    fn()
-    return total_bytes / (time.perf_counter() - started) / 1e9
 
 
 def _spread(values: list[float]) -> dict:
@@ -35,9 +34,30 @@ def _spread(values: list[float]) -> dict:
     }
 
 
-def _get_into(client, keys: list[bytes]) -> None:
+def _get_into(client, keys: list[bytes]) -> Moved:
+    """The connector's read: every value into a pooled buffer, read (its bytes counted, its ends
+    kept), released."""
+    moved = Moved()
     for buf in client.get_many_into(keys).values():
-        buf.release()
+        with buf:
+            moved.add(buf.view)
+    return moved
+
+
+def _raw_read(reader) -> Moved:
+    """The raw READ, after blanking the ends of every chunk in the reader's region (32 bytes a
+    chunk, inside the timing and negligible beside 32 MiB), so the ends read back show that this
+    READ wrote them."""
+    view = reader.region.view
+    for i in range(reader.count):
+        start, end = i * reader.size, (i + 1) * reader.size
+        view[start : start + SAMPLE] = bytes(SAMPLE)
+        view[end - SAMPLE : end] = bytes(SAMPLE)
+    reader.read()
+    moved = Moved()
+    for i in range(reader.count):
+        moved.add(view[i * reader.size : (i + 1) * reader.size])
+    return moved
 
 
 def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
@@ -55,10 +75,12 @@ def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
         text=True,
     )
     samples: dict[str, list[float]] = {}
+    bytes_moved: dict[str, int] = {}  # get path -> bytes received over the counted runs
+    verified: dict[str, int] = {}  # get path -> chunks whose ends were the payload's
     try:
         reader = RawNixlReader(raw.stdout.readline(), CHUNK, count)
-        payload = reader.chunk(0)
-        reader.read()
+        reader.read()  # first: the region holds the served bytes only once read
+        payload = reader.chunk(0)  # what kvpool's paths put and get: the raw READ's bytes
         keys = [b"bench-nixl-%d" % i for i in range(count)]
         items = [(k, payload) for k in keys]
         pool_bytes = moved + 64 * MiB
@@ -70,7 +92,7 @@ def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
                 paths = [
                     ("baseline_tcp_channel_put_gbps", lambda: tcp.put_many(items)),
                     ("put_gbps", lambda: nixl.put_many(items)),
-                    ("baseline_raw_nixl_gbps", reader.read),
+                    ("baseline_raw_nixl_gbps", lambda: _raw_read(reader)),
                     ("baseline_tcp_channel_gbps", lambda: _get_into(tcp, keys)),
                     ("get_gbps", lambda: _get_into(nixl, keys)),
                 ]
@@ -79,7 +101,14 @@ def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
                 shift = max(run, 0)
                 order = paths[:2][shift % 2 :] + paths[:2][: shift % 2]
                 order += paths[2:][shift % 3 :] + paths[2:][: shift % 3]
-                figures = {name: _gbps(moved, fn) for name, fn in order}
+                figures = {}
+                for name, fn in order:
+                    started = time.perf_counter()
+                    out = fn()
+                    figures[name] = moved / (time.perf_counter() - started) / 1e9
+                    if run >= 0 and isinstance(out, Moved):
+                        bytes_moved[name] = bytes_moved.get(name, 0) + out.nbytes
+                        verified[name] = verified.get(name, 0) + out.matches([payload] * count)
                 got = nixl.get_many_into(keys[-1:])
                 with got[keys[-1]] as buf:
                     if bytes(buf.view) != payload:
@@ -107,6 +136,11 @@ def run(runs: int, total: int, progress: Callable[[str], None]) -> dict:
         "chunk_mib": CHUNK // MiB,
         "chunks_per_request": count,
         "node_pinned_bytes_after": stats["pinned_bytes"],
+        "order": "puts, then gets; each group rotated run by run",
+        "bytes_expected": runs * moved,  # per get path
+        "values_expected": runs * count,
+        "bytes_moved": bytes_moved,
+        "values_verified": verified,
     }
     for key, values in sorted(samples.items()):
         result[key] = round(statistics.median(values), 3)

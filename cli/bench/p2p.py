@@ -8,6 +8,11 @@ through the lookup service); the node side's into the cache node behind B's `--p
 (`kvpool up`, which runs the lookup service too). The sides take turns batch by batch, so a busy
 machine slows both alike; each ratio pairs one run's figures before the median over runs. Also
 reported: B reading chunks it already holds (its arena alone), the ceiling of both sides.
+
+The reads are the connector's path to an agent (`AgentClient.get_many`, which `connector.pools.
+AgentPool` calls: each value copied out of the arena into new bytes; the agent client has no
+pooled-buffer read), and the bench tunes no malloc. Each side counts the bytes it got and the
+values equal to the value put, reported beside what was expected.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def _wait_indexed(lookup, keys: list[bytes], holder: str, timeout: float = 30.0)
     raise click.ClickException(f"the lookup service does not list {holder} for the chunks after {timeout} s")
 
 
-def _one_run(a, b, node, lookup, run: int, value: bytes, count: int, batch: int) -> dict[str, float]:
+def _one_run(a, b, node, lookup, run: int, value: bytes, count: int, batch: int) -> tuple[dict, dict, dict]:
     size = len(value)
     keys = {
         side: [f"bench-p2p-{side}-{run + 1:03d}-{i:06d}".encode() for i in range(count)]
@@ -47,6 +52,8 @@ def _one_run(a, b, node, lookup, run: int, value: bytes, count: int, batch: int)
     before = b.stats()["agent"]["sources"]["fetched"]
     keys["arena"] = keys["peer"]  # read again once B holds them
     seconds = dict.fromkeys(SIDES, 0.0)
+    moved = dict.fromkeys(SIDES, 0)  # bytes each side's gets returned
+    right = dict.fromkeys(SIDES, 0)  # values equal to the value put (compared outside the timing)
     for start in range(0, count, batch):
         order = SIDES[:2] if (start // batch) % 2 == 0 else SIDES[1::-1]
         for side in (*order, "arena"):
@@ -54,7 +61,9 @@ def _one_run(a, b, node, lookup, run: int, value: bytes, count: int, batch: int)
             started = time.perf_counter()
             got = b.get_many(block)
             seconds[side] += time.perf_counter() - started
-            if len(got) != len(block) or any(v != value for v in got.values()):
+            moved[side] += sum(len(v) for v in got.values())
+            right[side] += sum(1 for v in got.values() if v == value)
+            if len(got) != len(block) or right[side] != min(start + batch, count):
                 raise click.ClickException(
                     f"{side}: agent B returned {len(got)} of {len(block)} chunks, or other bytes"
                 )
@@ -64,7 +73,8 @@ def _one_run(a, b, node, lookup, run: int, value: bytes, count: int, batch: int)
     b.delete(keys["peer"] + keys["node"])  # keep the arenas small across runs
     a.delete(keys["peer"])
     node.delete(keys["node"])
-    return {f"{side}_gbps": count * size / spent / 1e9 for side, spent in seconds.items()}
+    figures = {f"{side}_gbps": count * size / spent / 1e9 for side, spent in seconds.items()}
+    return figures, moved, right
 
 
 @click.command("p2p")
@@ -80,14 +90,14 @@ def p2p(runs: int, total: int, chunk: int, batch: int, as_json: bool) -> None:
     from kvpool.cachenode import Client
     from kvpool.cachenode.client.agent import AgentClient
     from kvpool.cachenode.client.lookup import LookupClient
-    from kvpool.cachenode.core.tuning import tune_malloc_for_large_buffers
     from kvpool.cli.devtools.local_servers import kvpool_agent, kvpool_up
 
-    tune_malloc_for_large_buffers()  # as `bench node`: the bench allocates each value it reads
     value = os.urandom(chunk * MiB)
     count = max(1, total // chunk)
     memory = f"{2 * count * chunk + 64}MiB"
     samples: dict[str, list[float]] = {}
+    bytes_moved = dict.fromkeys(SIDES, 0)
+    verified = dict.fromkeys(SIDES, 0)
     with kvpool_up("--memory", memory) as (up, node_url):
         lookup_url = up.stdout.readline().split()[2]  # "lookup service grpc://... (http ...)"
         with (
@@ -107,15 +117,24 @@ def p2p(runs: int, total: int, chunk: int, batch: int, as_json: bool) -> None:
                 f"agents {a_url} (peer), {b_url} (fetching); node {node_url}; lookup {lookup_url}; {runs} runs"
             )
             for run in range(-1, runs):  # run -1 warms connections, buffers and arenas; not counted
-                figures = _one_run(a, b, node, lookup, run, value, count, batch)
+                figures, moved, right = _one_run(a, b, node, lookup, run, value, count, batch)
                 if run >= 0:
                     for metric, v in figures.items():
                         samples.setdefault(metric, []).append(v)
+                    for side in SIDES:
+                        bytes_moved[side] += moved[side]
+                        verified[side] += right[side]
                     _progress(
                         f"run {run + 1}/{runs}: " + ", ".join(f"{k}={v:.2f}" for k, v in figures.items())
                     )
     result: dict = {"runs": runs, "mib_per_side_per_run": count * chunk, "chunk_mib": chunk, "batch": batch}
     labels = {"peer": "p2p_fetch_gbps", "node": "baseline_node_fetch_gbps", "arena": "arena_read_gbps"}
+    result["get_path"] = "AgentClient.get_many (the connector's path to an agent), no malloc tuning"
+    result["malloc_tuning"] = False
+    result["bytes_expected"] = runs * count * chunk * MiB  # per side
+    result["values_expected"] = runs * count
+    result["bytes_moved"] = {labels[side]: n for side, n in bytes_moved.items()}
+    result["values_verified"] = {labels[side]: n for side, n in verified.items()}
     for side, label in labels.items():
         result[label] = round(statistics.median(samples[f"{side}_gbps"]), 3)
         result[f"spread_{label}"] = _spread(samples[f"{side}_gbps"])

@@ -1,10 +1,13 @@
 """`kvpool bench pool`: what routing over a pool of nodes costs, beside one node reached directly.
 
-Same run, same Client class, same values: get/put GB/s (one value per call, as `bench node`) and
-the latency of `prefix_hits` over 128 stored keys, through a `kvpool up --nodes N` pool and through
-a single `kvpool up` node. The two sides take turns in blocks of a few values (and call by call for
-`prefix_hits`), so a busy machine slows both alike; each ratio pairs one run's pool figure with the
-same run's single-node figure before the median over runs is taken.
+Same run, same Client class, same values: get/put GB/s (one value per call, as `bench node`: the
+get is the connector's `get_many_into`, each pooled receive buffer released once read, and no
+malloc tuning) and the latency of `prefix_hits` over 128 stored keys, through a `kvpool up
+--nodes N` pool and through a single `kvpool up` node. The two sides take turns in blocks of a few
+values, the side that leads alternating (call by call for `prefix_hits`), so a busy machine slows
+both alike; each ratio pairs one run's pool figure with the same run's single-node figure before
+the median over runs is taken. Each side's gets count the bytes they received and the ends of
+every value, reported beside what was expected.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import click
 
 from ..options import option
+from .moved import Moved
 from .node import MiB, _progress, _spread
 
 SIZES = {"4m": 4 * MiB, "32m": 32 * MiB}
@@ -29,13 +33,16 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _throughput(sides: dict, value: bytes, count: int) -> dict[str, float]:
-    """put then get of `count` values per side, the sides taking turns block by block."""
+def _throughput(sides: dict, value: bytes, count: int) -> tuple[dict[str, float], dict[str, Moved]]:
+    """put then get of `count` values per side, the sides taking turns block by block (the side
+    that leads alternating). Gets are the connector's: `get_many_into`, the buffer read, then
+    released. Returns GB/s per side and op, and what each side's gets moved."""
     size = len(value)
     per_block = max(1, BLOCK_BYTES // size)
     keys = [f"bench-pool-{size}-{i}".encode() for i in range(count)]
     blocks = [keys[i : i + per_block] for i in range(0, count, per_block)]
     figures: dict[str, float] = {}
+    moved = {side: Moved() for side in sides}
     for op in ("put", "get"):
         seconds = dict.fromkeys(sides, 0.0)
         for b, block in enumerate(blocks):
@@ -46,13 +53,18 @@ def _throughput(sides: dict, value: bytes, count: int) -> dict[str, float]:
                     for key in block:
                         client.put(key, value)
                 else:
-                    got = [client.get(key) for key in block]
+                    for key in block:
+                        with client.get_many_into([key])[key] as buf:
+                            moved[side].add(buf.view)
                 seconds[side] += time.perf_counter() - started
-                if op == "get" and any(g != value for g in got):
-                    raise click.ClickException(f"{side} returned bytes that differ from what was put")
         for side, spent in seconds.items():
             figures[f"{side}_{op}_gbps"] = count * size / spent / 1e9
-    return figures
+    for side, client in sides.items():  # two values whole, outside the timed passes
+        for key in (keys[0], keys[-1]):
+            with client.get_many_into([key])[key] as buf:
+                if buf.view != value:
+                    raise click.ClickException(f"{side} returned bytes that differ from what was put")
+    return figures, moved
 
 
 def _prefix_latency(sides: dict, keys: list[bytes], calls: int) -> dict[str, float]:
@@ -80,14 +92,16 @@ def _prefix_latency(sides: dict, keys: list[bytes], calls: int) -> dict[str, flo
 def pool(nodes: int, runs: int, total: int, prefix_calls: int, as_json: bool) -> None:
     """Pool get/put GB/s and 128-key prefix_hits latency beside one node reached directly."""
     from kvpool.cachenode import Client
-    from kvpool.cachenode.core.tuning import tune_malloc_for_large_buffers
     from kvpool.cli.devtools.local_servers import kvpool_up
 
-    tune_malloc_for_large_buffers()  # as `bench node`: the client allocates each value it gets
     payloads = {name: os.urandom(size) for name, size in SIZES.items()}
     prefix_keys = [os.urandom(32) for _ in range(PREFIX_KEYS)]
     memory = f"{2 * total + 64}MiB"
     samples: dict[str, list[float]] = {}
+    bytes_moved: dict[str, int] = {}  # side_size -> bytes its counted gets received
+    verified: dict[str, int] = {}  # side_size -> values whose ends were the value's
+    expected: dict[str, int] = {}  # size -> bytes each side's gets should have received
+    expected_values: dict[str, int] = {}
     with (
         kvpool_up("--nodes", str(nodes), "--memory", memory) as (_, pool_url),
         kvpool_up("--memory", memory) as (_, single_url),
@@ -104,8 +118,17 @@ def pool(nodes: int, runs: int, total: int, prefix_calls: int, as_json: bool) ->
         for run in range(-1, runs):  # run -1 warms connections, heaps and caches; not counted
             figures: dict[str, float] = {}
             for name, size in SIZES.items():
-                for metric, value in _throughput(sides, payloads[name], max(1, total * MiB // size)).items():
+                count = max(1, total * MiB // size)
+                got, moved = _throughput(sides, payloads[name], count)
+                for metric, value in got.items():
                     figures[f"{metric}_{name}"] = value
+                if run >= 0:
+                    for side, m in moved.items():
+                        label = f"{'pool' if side == 'pool' else 'baseline_single_node'}_get_{name}"
+                        bytes_moved[label] = bytes_moved.get(label, 0) + m.nbytes
+                        verified[label] = verified.get(label, 0) + m.matches([payloads[name]] * count)
+                    expected[name] = expected.get(name, 0) + count * size
+                    expected_values[name] = expected_values.get(name, 0) + count
             figures.update(_prefix_latency(sides, prefix_keys, prefix_calls))
             if run >= 0:
                 for metric, value in figures.items():
@@ -114,7 +137,18 @@ def pool(nodes: int, runs: int, total: int, prefix_calls: int, as_json: bool) ->
                     f"run {run + 1}/{runs}: "
                     + ", ".join(f"{k}={v[-1]:.2f}" for k, v in sorted(samples.items()))
                 )
-    result: dict = {"nodes": nodes, "runs": runs, "mib_per_run": total, "prefix_keys": PREFIX_KEYS}
+    result: dict = {
+        "nodes": nodes,
+        "runs": runs,
+        "mib_per_run": total,
+        "prefix_keys": PREFIX_KEYS,
+        "get_path": "get_many_into, buffer released after reading",
+        "malloc_tuning": False,
+        "bytes_expected": expected,
+        "bytes_moved": bytes_moved,
+        "values_expected": expected_values,
+        "values_verified": verified,
+    }
     for key, values in sorted(samples.items()):
         side, _, metric = key.partition("_")
         label = f"pool_{metric}" if side == "pool" else f"baseline_single_node_{metric}"

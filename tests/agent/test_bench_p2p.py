@@ -1,4 +1,5 @@
-"""`kvpool bench p2p --json` runs end to end (small) and its last line carries every figure."""
+"""`kvpool bench p2p --json` runs end to end (small), its last line carries every figure, and
+each side moved the bytes it claims."""
 
 from __future__ import annotations
 
@@ -17,4 +18,10 @@ def test_bench_p2p_json_contract() -> None:
         assert figures[key] > 0, key
         assert figures[f"spread_{key}"]["min"] <= figures[key] <= figures[f"spread_{key}"]["max"], key
     assert figures["mib_per_side_per_run"] == 8 and figures["chunk_mib"] == 1
+    assert figures["malloc_tuning"] is False
+    # every side, the node baseline included, got all 8 chunks of 1 MiB, each equal to the value put
+    assert figures["bytes_expected"] == 8 * 2**20 and figures["values_expected"] == 8
+    for key in ("p2p_fetch_gbps", "baseline_node_fetch_gbps", "arena_read_gbps"):
+        assert figures["bytes_moved"][key] == 8 * 2**20, key
+        assert figures["values_verified"][key] == 8, key
     assert "run 1/1" in result.stderr

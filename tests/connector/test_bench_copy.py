@@ -40,12 +40,17 @@ def test_bench_copy_json_contract(layout):
         assert figures[f"spread_{key}"]["min"] <= figures[key] <= figures[f"spread_{key}"]["max"]
     assert figures["cpu_layout"] == ("cpu" if layout == "auto" else "mla")
     assert figures["mib_per_call"] > 0
+    # the memcpy baseline moved its bytes: its destination, cleared first, equals the source after
+    assert figures["bytes_expected"] == figures["bytes_per_call"] > 0  # one run
+    assert figures["bytes_verified"]["baseline_memcpy_gbps"] == figures["bytes_expected"]
     if os.environ.get("KVPOOL_REQUIRE_CUDA") == "1":  # scripts/gpu-check.sh: the GPU figures must run
         assert not figures["gpu"].startswith("skipped"), figures["gpu"]
     if figures["gpu"].startswith("skipped"):
         assert "ratio_load_vs_h2d" not in figures
     else:
         assert figures["ratio_load_vs_h2d"] > 0 and figures["ratio_save_vs_d2h"] > 0
+        for key in ("baseline_h2d_gbps", "baseline_d2h_gbps"):
+            assert figures["bytes_verified"][key] == figures["bytes_expected_gpu"] > 0, key
     assert "run 1/1" in result.stderr  # progress goes to stderr, not stdout
 
 

@@ -34,4 +34,9 @@ def test_bench_node_nixl_json_contract():
         assert figures[key] > 0, key
     assert figures["path"].startswith("nixl over shared memory") and figures["chunks_per_request"] == 2
     assert figures["node_pinned_bytes_after"] == 0 and figures["malloc_tuning"] is False
+    # --total 64: two 32 MiB chunks per request; each get path, the raw READ included, moved them
+    assert figures["bytes_expected"] == 64 * 2**20 and figures["values_expected"] == 2
+    for key in ("get_gbps", "baseline_raw_nixl_gbps", "baseline_tcp_channel_gbps"):
+        assert figures["bytes_moved"][key] == 64 * 2**20, key
+        assert figures["values_verified"][key] == 2, key
     assert "run 1/1" in result.stderr

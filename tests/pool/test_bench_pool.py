@@ -1,4 +1,5 @@
-"""`kvpool bench pool --json` runs end to end and its last line carries every figure and ratio."""
+"""`kvpool bench pool --json` runs end to end, its last line carries every figure and ratio, and
+both sides' gets (the connector's receive path, no malloc tuning) moved the bytes they claim."""
 
 from __future__ import annotations
 
@@ -27,4 +28,12 @@ def test_bench_pool_json_contract():
                 "ratio_pool_prefix_p99_vs_single_node", "ratio_pool_get_vs_single_node"):  # fmt: skip
         assert figures[key] > 0, key
     assert figures["pool_prefix_p99_us"] >= figures["pool_prefix_p50_us"]
+    assert figures["malloc_tuning"] is False and figures["get_path"].startswith("get_many_into")
+    # --total 32, one run: one 32 MiB value, or eight of 4 MiB, got through each side
+    assert figures["bytes_expected"] == {"4m": 32 * 2**20, "32m": 32 * 2**20}
+    assert figures["values_expected"] == {"4m": 8, "32m": 1}
+    for side in ("pool", "baseline_single_node"):
+        for size in ("4m", "32m"):
+            assert figures["bytes_moved"][f"{side}_get_{size}"] == figures["bytes_expected"][size]
+            assert figures["values_verified"][f"{side}_get_{size}"] == figures["values_expected"][size]
     assert "run 1/1" in result.stderr  # progress goes to stderr, not stdout

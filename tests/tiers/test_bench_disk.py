@@ -28,6 +28,7 @@ def test_bench_disk_json_contract(tmp_path):
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert sorted(figures["sizes"]) == ["32MiB", "4MiB"]
+    assert figures["sizes"]["4MiB"]["disk_get_bytes_expected"] == 5 * 32 * 4 * 2**20
     for fig in figures["sizes"].values():
         for key in (
             "memcpy_gbps",
@@ -39,4 +40,12 @@ def test_bench_disk_json_contract(tmp_path):
             assert fig[key] > 0, key
         for key in ("verify_cost_vs_memcpy_pct", "verify_cost_vs_socket_get_pct", "verify_cost_disk_get_pct"):
             assert key in fig
+        # every baseline moved the bytes it claims
+        size = fig["disk_get_bytes_expected"] // (5 * fig["values"])  # 5 rounds
+        assert fig["memcpy_bytes_verified"] == size
+        assert fig["socket_bytes_received"] == fig["socket_bytes_expected"] == 11 * size
+        assert fig["socket_last_value_equal"] is True
+        assert (
+            fig["disk_get_bytes_verify"] == fig["disk_get_bytes_no_verify"] == fig["disk_get_bytes_expected"]
+        )
     assert figures["rebuild"]["records"] == 50 and figures["rebuild"]["rebuild_s"] > 0
