@@ -1,14 +1,22 @@
-"""`kvpool bench lookup`: the lookup service through gRPC, beside a bare in-process dict walk.
+"""`kvpool bench lookup`: the lookup service as its clients ask it, beside same-run ceilings.
 
 The service runs in its own process pinned to one CPU; this process (the load) runs on the
 others. 1M keys over 64 holders are published through the Publish API in batches, then 128-key
-longest-prefix queries go through the Locate API as a connector sends them: one unary call each,
-keys packed in one bytes field, `--inflight` calls outstanding. The baseline answers the same
-queries from a plain dict (key -> set of holder ids) in this process.
+longest-prefix queries go the way `LookupClient` sends them: over the lean query channel (one
+TCP round trip each, `--inflight` pipelined on one connection; `lookup_*`), and, for comparison,
+as gRPC unary calls (`lookup_grpc_*`, `--inflight` futures outstanding). Baselines in the same
+run: a no-op server on the same CPU with the service's own serving code for each transport
+(lookup_noop.py: `baseline_tcp_noop_*`, `baseline_grpc_noop_*`), and a plain dict
+(key -> set of holder ids) answering the same queries in this process. `*_server_cpu_us_per_query`:
+the serving process's CPU time (user + system, /proc) over a throughput run per query, which the
+machine's other load moves far less than the wall-clock figures. Before the queries are
+timed, this process's millions of long-lived objects are moved out of the garbage collector's
+reach (`gc.freeze()`): otherwise its full collections, not the service, set the tail latencies.
 """
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import os
@@ -39,6 +47,16 @@ def _spread(values: list[float], digits: int = 3) -> dict:
     }
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (0 where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -64,7 +82,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of figures.")
 def lookup(n_keys: int, holders: int, queries: int, runs: int, inflight: int, batch: int, server_cpu: int,
            as_json: bool) -> None:  # fmt: skip
-    """Lookup keys/s, p50/p99, ingest events/s and bytes per entry, vs a plain dict walk."""
+    """Lookup keys/s, p50/p99, ingest events/s and bytes per entry, vs no-op servers and a dict walk."""
     from kvpool.cachenode.client.lookup import LookupClient
     from kvpool.cachenode.rpc.channels import open_url
     from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
@@ -142,67 +160,111 @@ def lookup(n_keys: int, holders: int, queries: int, runs: int, inflight: int, ba
             cut = rng.randrange(QUERY_KEYS // 2, QUERY_KEYS + 1)
             query = keys[s * QUERY_KEYS : s * QUERY_KEYS + cut] + absent[: QUERY_KEYS - cut]
             planned.append((query, cut, f"bench-{s % holders}"))
+        lists = [q for q, _, _ in planned]
         wire = [
-            pb.LookupLocateRequest(keys=pb.LookupKeys(key_size=KEY_SIZE, keys=b"".join(q)))
-            for q, _, _ in planned
+            pb.LookupLocateRequest(keys=pb.LookupKeys(key_size=KEY_SIZE, keys=b"".join(q))) for q in lists
         ]
-        for i, (request, (_, cut, holder)) in enumerate(zip(wire, planned, strict=True)):
+        client = LookupClient(service.url, timeout=30, transport="tcp")
+        for i, (request, (query, cut, holder)) in enumerate(zip(wire, planned, strict=True)):
             if i >= 200:
                 break
             reply = stub.Locate(request, timeout=10)
             if reply.prefix != cut or [m.holder.holder_id for m in reply.holders] != [holder]:
-                raise click.ClickException(f"wrong answer: prefix {reply.prefix} (expected {cut})")
+                raise click.ClickException(f"wrong gRPC answer: prefix {reply.prefix} (expected {cut})")
+            answer = client.locate(query)
+            if answer.prefix != cut or [m.info.holder_id for m in answer.holders] != [holder]:
+                raise click.ClickException(
+                    f"wrong query channel answer: prefix {answer.prefix} (expected {cut})"
+                )
 
-        throughput, p50s, p99s, loaded_p99s, baselines, noop = [], [], [], [], [], []
-        noop_p50s: list[float] = []
-        noop_p99s: list[float] = []
-        noop_server, noop_channel = _start_noop_server(server)
-        noop_stub = pb_grpc.LookupStub(noop_channel)
+        # The keys and requests above are millions of long-lived objects: keep the collector from
+        # walking them again and again while the queries are timed.
+        gc.collect()
+        gc.freeze()
+        noop_server, noop_url = _start_noop_server(server)
+        noop_grpc = pb_grpc.LookupStub(open_url(noop_url))
+        noop_client = LookupClient(noop_url, timeout=30, transport="tcp")
+        figures: dict[str, list[float]] = {}
+
+        def note(name: str, value: float) -> None:
+            figures.setdefault(name, []).append(value)
+
         for run in range(runs):
             _progress(
-                f"run {run + 1}/{runs}: {queries} queries of {QUERY_KEYS} keys, {inflight} in flight ..."
+                f"run {run + 1}/{runs}: {queries} queries of {QUERY_KEYS} keys, {inflight} in flight, "
+                "query channel and gRPC, service and no-op ..."
             )
-            keys_per_s, loaded_p99 = _throughput(stub, wire, queries, inflight)
-            throughput.append(keys_per_s)
-            loaded_p99s.append(loaded_p99)
-            noop.append(_throughput(noop_stub, wire, queries, inflight)[0])
-
-            p50, p99 = _latency(stub, wire, min(queries, 5000))
-            p50s.append(p50)
-            p99s.append(p99)
-            noop_p50, noop_p99 = _latency(noop_stub, wire, min(queries, 5000))
-            noop_p50s.append(noop_p50)
-            noop_p99s.append(noop_p99)
-
-            baselines.append(_dict_walk_keys_per_s(keys, owner, planned, queries))
+            for prefix, tcp, pid in (
+                ("lookup", client, service.proc.pid),
+                ("baseline_tcp_noop", noop_client, noop_server.pid),
+            ):
+                cpu = _cpu_seconds(pid)
+                keys_per_s, loaded_p99 = _pipelined(tcp, lists, queries, inflight)
+                note(f"{prefix}_server_cpu_us_per_query", (_cpu_seconds(pid) - cpu) / queries * 1e6)
+                note(f"{prefix}_keys_per_s", keys_per_s)
+                note(f"{prefix}_loaded_p99_ms", loaded_p99)
+                p50, p99 = _latency(
+                    lambda i, c=tcp: c.locate(lists[(i * 7) % len(lists)]), min(queries, 5000)
+                )
+                note(f"{prefix}_p50_ms", p50)
+                note(f"{prefix}_p99_ms", p99)
+            for prefix, grpc_stub, pid in (
+                ("lookup_grpc", stub, service.proc.pid),
+                ("baseline_grpc_noop", noop_grpc, noop_server.pid),
+            ):
+                cpu = _cpu_seconds(pid)
+                keys_per_s, loaded_p99 = _throughput(grpc_stub, wire, queries, inflight)
+                note(f"{prefix}_server_cpu_us_per_query", (_cpu_seconds(pid) - cpu) / queries * 1e6)
+                note(f"{prefix}_keys_per_s", keys_per_s)
+                note(f"{prefix}_loaded_p99_ms", loaded_p99)
+                p50, p99 = _latency(
+                    lambda i, st=grpc_stub: st.Locate(wire[(i * 7) % len(wire)], timeout=10),
+                    min(queries, 5000),
+                )
+                note(f"{prefix}_p50_ms", p50)
+                note(f"{prefix}_p99_ms", p99)
+            note("baseline_dict_keys_per_s", _dict_walk_keys_per_s(keys, owner, planned, queries))
         index = stats.stats()
-        stats.close()
+        for closing in (client, noop_client, stats):
+            closing.close()
         channel.close()
-        noop_channel.close()
         noop_server.terminate()
         noop_server.wait(timeout=10)
 
     _progress("measuring the baseline dict's memory ...")
     dict_bytes = _dict_bytes_per_entry(keys, owner)
-    figures = {
-        "lookup_keys_per_s": round(statistics.median(throughput)),
-        "lookup_p50_ms": round(statistics.median(p50s), 3),
-        "lookup_p99_ms": round(statistics.median(p99s), 3),
-        "lookup_loaded_p99_ms": round(statistics.median(loaded_p99s), 3),
+
+    def ratio(top: str, bottom: str) -> float:
+        return round(statistics.median(t / b for t, b in zip(figures[top], figures[bottom], strict=True)), 4)
+
+    out: dict = {}
+    for name, values in figures.items():
+        out[name] = (
+            round(statistics.median(values))
+            if name.endswith("_per_s")
+            else round(statistics.median(values), 3)
+        )
+    out |= {
+        "transport": "tcp query channel (LookupClient's default); lookup_grpc_*: gRPC unary calls",
         "ingest_events_per_s": round(n_keys / ingest_s),
         "bytes_per_entry": index["bytes_per_entry"],
         "rss_bytes_per_entry": round((index["rss_bytes"] - rss_empty) / index["entries"], 1),
-        "baseline_dict_keys_per_s": round(statistics.median(baselines)),
-        "baseline_grpc_noop_keys_per_s": round(statistics.median(noop)),
-        "baseline_grpc_noop_p50_ms": round(statistics.median(noop_p50s), 3),
-        "baseline_grpc_noop_p99_ms": round(statistics.median(noop_p99s), 3),
         "baseline_dict_bytes_per_entry": round(dict_bytes, 1),
-        "ratio_lookup_vs_dict": round(
-            statistics.median(t / b for t, b in zip(throughput, baselines, strict=True)), 4
-        ),
-        "ratio_lookup_vs_grpc_noop": round(
-            statistics.median(t / b for t, b in zip(throughput, noop, strict=True)), 4
-        ),
+        "ratio_lookup_vs_tcp_noop": ratio("lookup_keys_per_s", "baseline_tcp_noop_keys_per_s"),
+        "ratio_lookup_vs_grpc": ratio("lookup_keys_per_s", "lookup_grpc_keys_per_s"),
+        "ratio_lookup_vs_grpc_noop": ratio("lookup_keys_per_s", "baseline_grpc_noop_keys_per_s"),
+        "lookup_keys_per_server_cpu_s": round(
+            QUERY_KEYS / statistics.median(figures["lookup_server_cpu_us_per_query"]) * 1e6
+        )
+        if statistics.median(figures["lookup_server_cpu_us_per_query"]) > 0
+        else None,
+        "ratio_server_cpu_grpc_vs_lookup": ratio(
+            "lookup_grpc_server_cpu_us_per_query", "lookup_server_cpu_us_per_query"
+        )
+        if min(figures["lookup_server_cpu_us_per_query"]) > 0
+        else None,
+        "ratio_lookup_vs_dict": ratio("lookup_keys_per_s", "baseline_dict_keys_per_s"),
+        "ratio_lookup_grpc_vs_grpc_noop": ratio("lookup_grpc_keys_per_s", "baseline_grpc_noop_keys_per_s"),
         "ratio_bytes_vs_dict": round(index["bytes_per_entry"] / dict_bytes, 3),
         "keys": n_keys,
         "holders": holders,
@@ -213,15 +275,10 @@ def lookup(n_keys: int, holders: int, queries: int, runs: int, inflight: int, ba
         "server_cpu": server,
         "load_cpus": sorted(load_cpus),
         "spread": {
-            "lookup_keys_per_s": _spread(throughput, 0),
-            "lookup_p50_ms": _spread(p50s),
-            "lookup_p99_ms": _spread(p99s),
-            "lookup_loaded_p99_ms": _spread(loaded_p99s),
-            "baseline_dict_keys_per_s": _spread(baselines, 0),
-            "baseline_grpc_noop_keys_per_s": _spread(noop, 0),
-            "baseline_grpc_noop_p99_ms": _spread(noop_p99s),
+            name: _spread(values, 0 if name.endswith("_per_s") else 3) for name, values in figures.items()
         },
     }
+    figures = out
     if as_json:
         click.echo(json.dumps(figures))
     else:
@@ -249,47 +306,47 @@ def _throughput(stub, requests: list, queries: int, inflight: int) -> tuple[floa
     return queries * QUERY_KEYS / elapsed, _percentile(done_ms, 0.99)
 
 
-def _latency(stub, requests: list, calls: int) -> tuple[float, float]:
-    """p50 and p99 in ms of `calls` Locate calls, one at a time."""
+def _pipelined(client, lists: list, queries: int, inflight: int) -> tuple[float, float]:
+    """Keys/s of `queries` locates pipelined `inflight` deep on the query channel, and the p99 in
+    ms of each one's time from its send to its answer."""
+    sent: collections.deque[float] = collections.deque()
+    done_ms: list[float] = []
+
+    def stream():
+        for i in range(queries):
+            sent.append(time.perf_counter())
+            yield lists[i % len(lists)]
+
+    started = time.perf_counter()
+    for _ in client.locate_stream(stream(), window=inflight):
+        done_ms.append((time.perf_counter() - sent.popleft()) * 1e3)
+    elapsed = time.perf_counter() - started
+    done_ms.sort()
+    return queries * QUERY_KEYS / elapsed, _percentile(done_ms, 0.99)
+
+
+def _latency(call, calls: int) -> tuple[float, float]:
+    """p50 and p99 in ms of `calls` calls, one at a time."""
     latencies = []
     for i in range(calls):
         t0 = time.perf_counter()
-        stub.Locate(requests[(i * 7) % len(requests)], timeout=10)
+        call(i)
         latencies.append((time.perf_counter() - t0) * 1e3)
     latencies.sort()
     return _percentile(latencies, 0.5), _percentile(latencies, 0.99)
 
 
 def _start_noop_server(cpu: int):
-    """The same-run gRPC baseline: a server on the same CPU that answers Locate with nothing."""
+    """The same-run ceilings (lookup_noop.py) on the service's CPU; returns (process, grpc URL)."""
     import subprocess
 
-    from kvpool.cachenode.rpc.channels import open_url
     from kvpool.cli.devtools.local_servers import free_port, wait_port
 
     port = free_port()
-    cmd = [sys.executable, "-P", "-m", "kvpool.cli.bench.lookup", str(port)]
+    cmd = [sys.executable, "-P", "-m", "kvpool.cli.bench.lookup_noop", str(port)]
     proc = subprocess.Popen(cmd, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     wait_port(port, proc=proc)
-    return proc, open_url(f"grpc://127.0.0.1:{port}")
-
-
-def serve_noop(port: int) -> None:
-    """Answer every kvpool.v1.Lookup/Locate with an empty message, with the service's thread pool."""
-    from concurrent import futures
-
-    import grpc
-
-    from kvpool.cachenode.server.lookup.server import GRPC_WORKERS
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS))
-    locate = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")  # raw bytes in and out
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("kvpool.v1.Lookup", {"Locate": locate}),)
-    )
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    server.wait_for_termination()
+    return proc, f"grpc://127.0.0.1:{port}"
 
 
 def _dict_walk_keys_per_s(keys: list[bytes], owner: list[int], planned: list, queries: int) -> float:
@@ -322,7 +379,3 @@ def _dict_bytes_per_entry(keys: list[bytes], owner: list[int]) -> float:
     tracemalloc.stop()
     key_bytes = sum(sys.getsizeof(k) for k in keys)
     return (used + key_bytes) / len(table)
-
-
-if __name__ == "__main__":
-    serve_noop(int(sys.argv[1]))

@@ -24,7 +24,10 @@ NODE_HTTP_PORT = registry.default("http_port")
 NODE_DATA_PORT = registry.default("data_port")
 NODE_PORTS = (("grpc", NODE_PORT), ("http", NODE_HTTP_PORT), ("data", NODE_DATA_PORT))
 LOOKUP_PORT, LOOKUP_HTTP_PORT = 7410, 7411  # DESIGN.md §1 (kvpool lookup)
-LOOKUP_PORTS = (("grpc", LOOKUP_PORT), ("http", LOOKUP_HTTP_PORT))
+LOOKUP_QUERY_PORT = 7412
+"""The lookup service's lean query channel (`--query-port`), which clients learn from its Hello
+and dial at the Service's address: fixed here so the Service and NetworkPolicy can carry it."""
+LOOKUP_PORTS = (("grpc", LOOKUP_PORT), ("http", LOOKUP_HTTP_PORT), ("query", LOOKUP_QUERY_PORT))
 
 SERVICE_MONITOR_API_VERSION = "monitoring.coreos.com/v1"
 METRICS_LABEL = {"kvpool.io/metrics": "true"}

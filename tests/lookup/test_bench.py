@@ -21,10 +21,18 @@ def test_bench_lookup_json_contract():
         "bytes_per_entry",
         "baseline_dict_keys_per_s",
         "baseline_grpc_noop_keys_per_s",
+        "baseline_tcp_noop_keys_per_s",
+        "baseline_tcp_noop_p99_ms",
+        "lookup_grpc_keys_per_s",
+        "lookup_grpc_p99_ms",
         "ratio_lookup_vs_dict",
         "ratio_lookup_vs_grpc_noop",
+        "ratio_lookup_vs_tcp_noop",
+        "ratio_lookup_vs_grpc",
+        "ratio_lookup_grpc_vs_grpc_noop",
     ):
         assert figures[key] > 0, key
     assert figures["entries"] == 20000 and figures["holders"] == 8
+    assert figures["transport"].startswith("tcp")
     assert figures["bytes_per_entry"] <= 64  # the table's size, not a timing
     assert "run 1/1" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +154,66 @@ def test_lookups_do_not_wait_for_the_writer_lock(index, keys):
         reader.join(timeout=5)
         assert not reader.is_alive(), "a lookup waited for the writers' lock"
     assert result["prefix"] == 8
+
+
+def test_writers_work_in_slices_that_readers_can_run_between(index, monkeypatch):
+    """numpy holds the GIL through one gather or sort: a snapshot, a growth, an eviction batch and
+    a holder's removal must each be cut into calls of at most SLICE keys."""
+    from kvpool.cachenode.server.lookup import table as table_module
+
+    largest = {"n": 0}
+    for name in ("_find", "_place"):
+        real = getattr(table_module, name)
+
+        def spy(a, fps, *args, _real=real, **kwargs):
+            largest["n"] = max(largest["n"], len(fps))
+            return _real(a, fps, *args, **kwargs)
+
+        monkeypatch.setattr(table_module, name, spy)
+    n = 3 * table_module.SLICE + 5
+    many = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) | np.uint64(1 << 63)
+    index.resync(A, 1, 1, many)  # grows the table from its minimum several times on the way
+    index.resync(B, 1, 1, many[: n // 2])
+    assert index.keys == n and {h.info.holder_id: h.entries for h in index.holders()} == {
+        "agent-a": n, "agent-b": n // 2}  # fmt: skip
+    assert (
+        index.publish("agent-a", 1, 2, np.empty(0, np.uint64), many[: 2 * table_module.SLICE + 1]).status
+        is Status.OK
+    )
+    index.resync(B, 1, 3, many[-10:])  # drops most of what B held
+    assert index.keys == n - 2 * table_module.SLICE - 1  # B's last 10 are among A's
+    located = index.locate(many[-10:])
+    assert located.prefix == 10 and {m.info.holder_id for m in located.holders} == {"agent-a", "agent-b"}
+    assert 0 < largest["n"] <= table_module.SLICE
+
+
+def test_a_reader_gets_answers_while_a_large_snapshot_is_applied(index, keys):
+    """Lookups take no lock and the writer works in slices: a reader thread keeps answering,
+    correctly, all the way through a snapshot of half a million keys (growths included)."""
+    mine = fp([os.urandom(32) for _ in range(128)])
+    index.resync(A, 1, 1, mine)
+    snapshot = fp([os.urandom(32) for _ in range(1 << 19)])
+    done, answered = threading.Event(), []
+
+    def write() -> None:
+        index.resync(B, 1, 1, snapshot)
+        done.set()
+
+    writer = threading.Thread(target=write)
+    started = time.monotonic()
+    writer.start()
+    while not done.is_set():
+        located = index.locate(mine)
+        assert located.prefix == 128 and [m.info.holder_id for m in located.holders] == ["agent-a"]
+        answered.append(time.monotonic())
+    ended = time.monotonic()
+    writer.join()
+    assert index.keys == 128 + (1 << 19)
+    assert len(answered) >= 20, f"{len(answered)} answers during a {ended - started:.2f} s snapshot"
+    gaps = np.diff([started, *answered, ended])
+    assert gaps.max() < (ended - started) / 4, (
+        f"the reader waited {gaps.max():.3f} s of {ended - started:.2f} s"
+    )
 
 
 def test_more_than_64_holders(index, keys):

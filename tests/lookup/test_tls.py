@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import urllib.request
 
@@ -13,6 +14,8 @@ from kvpool.cachenode import Unavailable
 from kvpool.cachenode.client.lookup import LookupClient
 from kvpool.cachenode.client.publisher import Publisher
 from kvpool.cachenode.core.holders import HolderInfo
+from kvpool.cachenode.rpc.lookupproto import encode_hello
+from kvpool.cachenode.rpc.proto import lookup_pb2
 
 from .conftest import run_lookup
 
@@ -29,6 +32,19 @@ def test_lookup_over_tls(certs):
             assert publisher.flush(15), publisher.stats()
             with LookupClient(lookup.url, tls_ca_file=ca) as client:
                 assert client.locate(keys).prefix == 3
+            with LookupClient(lookup.url, tls_ca_file=ca, transport="tcp") as client:
+                assert client.locate(keys).prefix == 3  # the query channel, over TLS
+                assert client.scores(keys, 16)[0][0].matched_tokens == 48
+                port = client._stub.Hello(lookup_pb2.LookupHelloRequest(), timeout=10).query_port
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as plain_socket:
+                plain_socket.sendall(encode_hello(b"x" * 32))  # no TLS: refused, nothing answered
+                try:
+                    answer = plain_socket.recv(100)
+                except ConnectionResetError:
+                    answer = b""
+                assert answer[:1] in (b"", b"\x15")  # nothing, or a TLS alert record: no query reply
+            with LookupClient(lookup.url, tls_ca_file=ca, transport="tcp") as client:
+                assert client.locate(keys).prefix == 3  # still serving
             plain_url = lookup.url.replace("grpcs://", "grpc://")
             with LookupClient(plain_url, timeout=3) as plain, pytest.raises(Unavailable):
                 plain.locate(keys)

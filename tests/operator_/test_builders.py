@@ -320,3 +320,18 @@ def test_network_policy_admits_prometheus_to_the_metrics_port_only() -> None:
     ]
     no_monitor = {**FULL, "metrics": {"serviceMonitor": {"enabled": False}}}
     assert len(render(no_monitor)["NetworkPolicy/pool"]["spec"]["ingress"]) == 1
+
+
+def test_the_lookup_query_channel_is_served_and_published() -> None:
+    """Clients learn the query channel's port from the lookup's Hello and dial it at the Service's
+    address: the Deployment must serve that fixed port and the Service and NetworkPolicy carry it."""
+    objs = render({})
+    container = _pod(objs, "Deployment/pool-lookup")["containers"][0]
+    args = container["args"]
+    port = int(args[args.index("--query-port") + 1])
+    assert {"name": "query", "containerPort": port} in [
+        {k: p[k] for k in ("name", "containerPort")} for p in container["ports"]
+    ]
+    assert port in [p["port"] for p in objs["Service/pool-lookup"]["spec"]["ports"]]
+    policy = next(o for k, o in render(FULL).items() if k.startswith("NetworkPolicy/"))
+    assert port in [p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])]

@@ -22,6 +22,7 @@ class LookupSettings:
     host: str = default("host", LOOKUP)
     port: int = default("port", LOOKUP)
     http_port: int = default("http_port", LOOKUP)
+    query_port: int = default("query_port", LOOKUP)
     holder_lease: float = default("holder_lease")
     rebuild_window: float | None = None  # None = one holder lease
     max_query_keys: int = default("max_query_keys")
@@ -39,7 +40,7 @@ class LookupSettings:
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for any nonsense setting."""
-        for name in ("port", "http_port"):
+        for name in ("port", "http_port", "query_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0..65535, got {value}")
@@ -58,7 +59,7 @@ class LookupSettings:
 
 
 _LOOKUP_FIELDS = (
-    "host", "port", "http_port", "holder_lease", "rebuild_window", "max_query_keys", "max_batch_events",
+    "host", "port", "http_port", "query_port", "holder_lease", "rebuild_window", "max_query_keys", "max_batch_events",
     "max_snapshot_keys", "max_holders", "advertise_host",
 )  # fmt: skip
 

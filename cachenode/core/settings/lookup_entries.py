@@ -12,12 +12,21 @@ from kvpool.cachenode.core.settings.defaults import (
     DEFAULT_MAX_QUERY_KEYS,
     DEFAULT_MAX_SNAPSHOT_KEYS,
 )
-from kvpool.cachenode.core.settings.parsers import integer, number
+from kvpool.cachenode.core.settings.parsers import integer, number, port
 from kvpool.cachenode.core.settings.setting import LOOKUP_ONLY, Setting
 
 _LOOKUP: dict[str, Any] = {"group": "lookup", "commands": LOOKUP_ONLY, "readers": LOOKUP_ONLY}
 
 LOOKUP_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "query_port",
+        0,
+        "Port of the lean query channel (Locate/Scores over TCP, pipelined; 0 = a free port; "
+        "clients learn it with a gRPC Hello and fall back to gRPC when it is unreachable).",
+        port,
+        kind="port",
+        **_LOOKUP,
+    ),
     Setting(
         "holder_lease",
         DEFAULT_HOLDER_LEASE_S,

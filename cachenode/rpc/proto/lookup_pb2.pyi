@@ -164,3 +164,23 @@ class LookupStatsResponse(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class LookupHelloRequest(_message.Message):
+    __slots__ = ("client",)
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    def __init__(self, client: _Optional[str] = ...) -> None: ...
+
+class LookupHelloResponse(_message.Message):
+    __slots__ = ("version", "query_port", "query_token", "query_host", "max_query_keys")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_PORT_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUERY_HOST_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUERY_KEYS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    query_port: int
+    query_token: bytes
+    query_host: str
+    max_query_keys: int
+    def __init__(self, version: _Optional[str] = ..., query_port: _Optional[int] = ..., query_token: _Optional[bytes] = ..., query_host: _Optional[str] = ..., max_query_keys: _Optional[int] = ...) -> None: ...

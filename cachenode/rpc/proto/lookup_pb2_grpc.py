@@ -64,6 +64,11 @@ class LookupStub:
                 request_serializer=lookup__pb2.LookupStatsRequest.SerializeToString,
                 response_deserializer=lookup__pb2.LookupStatsResponse.FromString,
                 _registered_method=True)
+        self.Hello = channel.unary_unary(
+                '/kvpool.v1.Lookup/Hello',
+                request_serializer=lookup__pb2.LookupHelloRequest.SerializeToString,
+                response_deserializer=lookup__pb2.LookupHelloResponse.FromString,
+                _registered_method=True)
 
 
 class LookupServicer:
@@ -110,6 +115,14 @@ class LookupServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hello(self, request, context):
+        """The lean query channel beside gRPC (Locate and Scores over one TCP connection, pipelined):
+        its port and the session token to present there. Older services answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LookupServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_LookupServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=lookup__pb2.LookupStatsRequest.FromString,
                     response_serializer=lookup__pb2.LookupStatsResponse.SerializeToString,
+            ),
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=lookup__pb2.LookupHelloRequest.FromString,
+                    response_serializer=lookup__pb2.LookupHelloResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +324,33 @@ class Lookup:
             '/kvpool.v1.Lookup/Stats',
             lookup__pb2.LookupStatsRequest.SerializeToString,
             lookup__pb2.LookupStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hello(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.Lookup/Hello',
+            lookup__pb2.LookupHelloRequest.SerializeToString,
+            lookup__pb2.LookupHelloResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -156,9 +156,7 @@ class LookupIndex:
             self._renew(holder, now, pending)
             self._publish_holders()
             _, slots = self._table.add(fps, holder.bit)
-            kept = np.unique(slots)
-            lost = self._table.remove_holder(holder.bit, kept)
-            holder.entries = int(kept.size)
+            lost, holder.entries = self._table.retain(holder.bit, slots)
             if lost and not drop_reason:
                 dropped, drop_reason = lost, "resync"
             return Verdict(Status.OK, "", "", seq, dropped, drop_reason)

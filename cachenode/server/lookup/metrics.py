@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
@@ -40,3 +42,14 @@ AUTHORITATIVE = Gauge(
     "kvpool_lookup_authoritative", "1 once the index was rebuilt after start (answers are complete)"
 )
 ERRORS = Counter("kvpool_lookup_errors_total", "Rejected calls by kind", ["kind"])
+
+_QUERY_REQUESTS = {op: REQUESTS.labels(op) for op in ("locate", "scores")}
+_QUERY_LATENCY = {op: LATENCY.labels(op) for op in ("locate", "scores")}
+
+
+def query_done(op: str, started: float, keys: int, prefix: int) -> None:
+    """Count one answered Locate/Scores (gRPC or the query channel alike)."""
+    _QUERY_REQUESTS[op].inc()
+    QUERY_KEYS.inc(keys)
+    PREFIX_KEYS.inc(prefix)
+    _QUERY_LATENCY[op].observe(time.perf_counter() - started)

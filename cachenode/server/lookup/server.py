@@ -1,11 +1,12 @@
-"""A lookup service process: the index behind gRPC, HTTP (health, metrics, JSON scores) and a
-lease sweeper."""
+"""A lookup service process: the index behind gRPC, the lean query channel (Locate/Scores over
+TCP), HTTP (health, metrics, JSON scores) and a lease sweeper."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 
@@ -20,6 +21,7 @@ from kvpool.cachenode.server.grpcserver import bind, display_host, new_grpc_serv
 from kvpool.cachenode.server.httpserver import HealthServer
 from kvpool.cachenode.server.lookup import metrics
 from kvpool.cachenode.server.lookup.index import LookupIndex, scores
+from kvpool.cachenode.server.lookup.querychannel import QueryChannel
 from kvpool.cachenode.server.lookup.service import LookupService, check_scores_request
 from kvpool.cachenode.server.node import package_version
 
@@ -32,7 +34,7 @@ GRPC_MESSAGE_LIMIT = 16 * 1024 * 1024
 
 
 class LookupServer:
-    """Binds both ports in the constructor (conflicts fail fast); serves after start()."""
+    """Binds every port in the constructor (conflicts fail fast); serves after start()."""
 
     def __init__(self, settings: LookupSettings) -> None:
         settings.validate()
@@ -44,9 +46,8 @@ class LookupServer:
         self._stopped = threading.Event()
         self._announced_authoritative = False
         self._grpc = new_grpc_server(GRPC_WORKERS, settings.auth_token, GRPC_MESSAGE_LIMIT, "kvpool-lookup")
-        lookup_pb2_grpc.add_LookupServicer_to_server(
-            LookupService(self.index, settings, self.stats, WRITER_SLOTS), self._grpc
-        )
+        service = LookupService(self.index, settings, self.stats, WRITER_SLOTS, hello=self._hello)
+        lookup_pb2_grpc.add_LookupServicer_to_server(service, self._grpc)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         self._set_health(self.index.authoritative)
@@ -69,6 +70,17 @@ class LookupServer:
             not_ready="rebuilding the index from the holders' snapshots after a start",
         )
         self.http_port = self._http.port
+        self.query_token = secrets.token_bytes(32)  # handed out by Hello, under the bearer token
+        self._queries = QueryChannel(
+            self.index,
+            settings.host,
+            settings.query_port,
+            token=self.query_token,
+            max_query_keys=settings.max_query_keys,
+            check_scores=check_scores_request,
+            tls=settings.tls,
+        )
+        self.query_port = self._queries.port
         self._sweeper = threading.Thread(target=self._sweep, name="kvpool-lookup-leases", daemon=True)
 
     @property
@@ -78,6 +90,7 @@ class LookupServer:
 
     def start(self) -> None:
         self._http.start()
+        self._queries.start()
         self._grpc.start()
         self._sweeper.start()
 
@@ -87,16 +100,25 @@ class LookupServer:
         self._stopped.set()
         self._set_health(False)
         self._grpc.stop(grace).wait(grace + 1)
+        self._queries.stop()
         self._http.stop()
         self._sweeper.join(timeout=5)
 
     def summary(self) -> str:
         window = self.settings.effective_rebuild_window
         return (
-            f"kvpool lookup on {self.url} (http {self.http_port}): holder lease {self.settings.holder_lease:g} s, "
-            f"not authoritative for the first {window:g} s (rebuild window)"
+            f"kvpool lookup on {self.url} (query channel {self.query_port}, http {self.http_port}): "
+            f"holder lease {self.settings.holder_lease:g} s, not authoritative for the first {window:g} s (rebuild window)"
             + (", auth on" if self.settings.auth_token else "")
             + (", TLS on" if self.settings.tls else "")
+        )
+
+    def _hello(self) -> lookup_pb2.LookupHelloResponse:
+        return lookup_pb2.LookupHelloResponse(
+            version=package_version(),
+            query_port=self.query_port,
+            query_token=self.query_token,
+            max_query_keys=self.settings.max_query_keys,
         )
 
     def stats(self) -> dict:
@@ -112,6 +134,8 @@ class LookupServer:
             "authoritative": index.authoritative,
             "rebuild_window_s": index.rebuild_window_s,
             "holder_lease_s": index.lease_s,
+            "query_port": self.query_port,
+            "query_connections": self._queries.connections,
             "keys": index.keys,
             "entries": entries,
             "index_bytes": index.nbytes,

@@ -29,7 +29,7 @@ _STATUS = {
     Status.DUPLICATE: pb.LookupPublishResponse.DUPLICATE,
     Status.RESYNC: pb.LookupPublishResponse.RESYNC,
 }
-_OPS = ("locate", "scores", "publish", "resync", "heartbeat", "stats")
+_OPS = ("publish", "resync", "heartbeat", "stats")
 _REQUESTS = {op: metrics.REQUESTS.labels(op) for op in _OPS}
 _LATENCY = {op: metrics.LATENCY.labels(op) for op in _OPS}
 _ADMITS, _EVICTS = metrics.EVENTS.labels("admit"), metrics.EVENTS.labels("evict")
@@ -40,13 +40,20 @@ class LookupService(pb_grpc.LookupServicer):
     threads at once; the others stay free for lookups, which never wait for the writers' lock."""
 
     def __init__(
-        self, index: LookupIndex, settings: LookupSettings, stats: Callable[[], dict], writer_slots: int
+        self,
+        index: LookupIndex,
+        settings: LookupSettings,
+        stats: Callable[[], dict],
+        writer_slots: int,
+        hello: Callable[[], pb.LookupHelloResponse] = pb.LookupHelloResponse,
     ) -> None:
+        """`hello`: what Hello answers (the query channel's port and session token)."""
         self.index = index
         self.settings = settings
         self._stats = stats
         self._holder_messages: dict[HolderInfo, pb.LookupHolder] = {}
         self._writer_slots = threading.BoundedSemaphore(writer_slots)
+        self._hello = hello
 
     # -- readers ---------------------------------------------------------------------------
     def Locate(self, request: pb.LookupLocateRequest, context) -> pb.LookupLocateResponse:
@@ -61,7 +68,7 @@ class LookupService(pb_grpc.LookupServicer):
                 for m in located.holders
             ],
         )
-        self._done("locate", started, len(fps), located.prefix)
+        metrics.query_done("locate", started, len(fps), located.prefix)
         return response
 
     def Scores(self, request: pb.LookupScoresRequest, context) -> pb.LookupScoresResponse:
@@ -88,8 +95,11 @@ class LookupService(pb_grpc.LookupServicer):
                 for s in scores(located, tokens_per_key, request.kind)
             ],
         )
-        self._done("scores", started, len(fps), located.prefix)
+        metrics.query_done("scores", started, len(fps), located.prefix)
         return response
+
+    def Hello(self, request: pb.LookupHelloRequest, context) -> pb.LookupHelloResponse:
+        return self._hello()
 
     def Stats(self, request: pb.LookupStatsRequest, context) -> pb.LookupStatsResponse:
         _REQUESTS["stats"].inc()
@@ -212,12 +222,6 @@ class LookupService(pb_grpc.LookupServicer):
                 self._holder_messages.clear()
             message = self._holder_messages[info] = wire.holder_message(info)
         return message
-
-    def _done(self, op: str, started: float, keys: int, prefix: int) -> None:
-        _REQUESTS[op].inc()
-        metrics.QUERY_KEYS.inc(keys)
-        metrics.PREFIX_KEYS.inc(prefix)
-        _LATENCY[op].observe(time.perf_counter() - started)
 
     def _reply(self, verdict: Verdict) -> pb.LookupPublishResponse:
         return pb.LookupPublishResponse(

@@ -14,6 +14,10 @@ current ``_Arrays`` once and probes them; growth and compaction build new arrays
 one reference. In live arrays a slot is published by writing its fingerprint last and retired by
 clearing its mask before its fingerprint, so a reader sees a key with its holders, a key with no
 holders (a miss), or no key - never a holder for a key that holder did not publish.
+
+Writers work in slices of at most SLICE keys (a snapshot of millions of keys, a growth, a holder's
+removal): numpy holds the GIL through a fancy-index gather or a sort, so one call over millions
+of keys would stop every reader thread of the process for as long. Between slices the readers run.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ SPILL = 16  # buckets after the last home bucket that only take overflow
 MAX_LOAD = 0.75  # used slots (live + tombstones) over capacity before growing or compacting
 GROWTH = 1.67  # capacity after a rebuild: live keys x GROWTH / MAX_LOAD (load 0.45)
 MIN_BUCKETS = 1024
+SLICE = 32768  # most keys one writer step handles in one numpy call (readers run between steps)
 EMPTY = np.uint64(0)
 TOMBSTONE = np.uint64(1)  # no LIVE_BIT: occupied, matches no fingerprint
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -76,6 +81,7 @@ class FingerprintTable:
         self._a = _Arrays.empty(max(buckets, MIN_BUCKETS), words)
         self.live = 0
         self.tombstones = 0
+        self.rebuilds = 0  # slots move at a rebuild: slots from before it are void
 
     @property
     def words(self) -> int:
@@ -100,6 +106,18 @@ class FingerprintTable:
 
         Returns how many keys gained the bit and the slot of every fingerprint.
         """
+        if len(fps) <= SLICE:
+            return self._add(fps, bit)
+        rebuilds, gained, parts = self.rebuilds, 0, []
+        for piece in _slices(fps):
+            more, slots = self._add(piece, bit)
+            gained += more
+            parts.append(slots)
+        if self.rebuilds != rebuilds:  # a growth moved the keys of earlier slices
+            parts = [_find(self._a, piece)[0] for piece in _slices(fps)]
+        return gained, np.concatenate(parts)
+
+    def _add(self, fps: np.ndarray, bit: int) -> tuple[int, np.ndarray]:
         if not len(fps):
             return 0, np.empty(0, np.intp)
         word, value = _bit(bit)
@@ -134,31 +152,41 @@ class FingerprintTable:
         if not len(fps) or bit >= 64 * self.words:
             return 0
         word, value = _bit(bit)
-        slots, masks = _find(self._a, fps)
-        slots = np.unique(slots[(masks[:, word] & value) != EMPTY])
-        return self._clear(slots, word, value)
+        removed = 0
+        for piece in _slices(fps):
+            slots, masks = _find(self._a, piece)
+            slots = np.unique(slots[(masks[:, word] & value) != EMPTY])
+            removed += self._clear(slots, word, value)
+        return removed
 
-    def remove_holder(self, bit: int, keep_slots: np.ndarray | None = None) -> int:
-        """Clear holder `bit` everywhere except in `keep_slots` (from `add`); how many keys lost it."""
+    def remove_holder(self, bit: int) -> int:
+        """Clear holder `bit` everywhere; how many keys lost it."""
+        return self.retain(bit, None)[0]
+
+    def retain(self, bit: int, keep_slots: np.ndarray | None) -> tuple[int, int]:
+        """Clear holder `bit` everywhere except in `keep_slots` (from `add`, repeats allowed);
+        returns (keys that lost it, keys that keep it)."""
         if bit >= 64 * self.words:
-            return 0
+            return 0, 0
         word, value = _bit(bit)
         holding = (self._a.records[:, 1 + word] & value) != EMPTY
-        if keep_slots is not None and keep_slots.size:
-            holding[keep_slots] = False
-        return self._clear(np.flatnonzero(holding), word, value)
+        before = int(np.count_nonzero(holding))
+        if keep_slots is not None:
+            for piece in _slices(keep_slots):
+                holding[piece] = False
+        lost = np.flatnonzero(holding)
+        return self._clear(lost, word, value), before - int(lost.size)
 
     def _clear(self, slots: np.ndarray, word: int, value: np.uint64) -> int:
         """Clear one bit in the slots; a slot left with no holder becomes a tombstone."""
-        if not slots.size:
-            return 0
         records = self._a.records
-        records[slots, 1 + word] &= ~value
-        empty = slots[~records[slots, 1:].any(axis=1)]
-        if empty.size:
-            records[empty, 0] = TOMBSTONE
-            self.live -= int(empty.size)
-            self.tombstones += int(empty.size)
+        for piece in _slices(slots):
+            records[piece, 1 + word] &= ~value
+            empty = piece[~records[piece, 1:].any(axis=1)]
+            if empty.size:
+                records[empty, 0] = TOMBSTONE
+                self.live -= int(empty.size)
+                self.tombstones += int(empty.size)
         return int(slots.size)
 
     def _reserve(self, extra: int) -> bool:
@@ -173,18 +201,24 @@ class FingerprintTable:
         """Re-place the live keys into fresh arrays (dropping tombstones), then swap them in."""
         old = self._a.records
         live = np.flatnonzero((old[:, 0] & LIVE_BIT) != EMPTY)
-        fps = old[live, 0]
         while True:
             fresh = _Arrays.empty(buckets, words)
             try:
-                slots = _place(fresh, fps)
+                for piece in _slices(live):  # the fresh arrays are nobody else's yet
+                    slots = _place(fresh, old[piece, 0])
+                    fresh.records[slots, 1 : old.shape[1]] = old[piece, 1:]
                 break
             except _SpillFull:
                 buckets = _grown(buckets)
-        fresh.records[slots, 1 : old.shape[1]] = old[live, 1:]
         self._a = fresh  # readers that already hold the old arrays finish on them
         self.live = int(live.size)
         self.tombstones = 0
+        self.rebuilds += 1
+
+
+def _slices(values: np.ndarray) -> list[np.ndarray]:
+    """`values` in pieces of at most SLICE (views, no copies)."""
+    return [values[i : i + SLICE] for i in range(0, len(values), SLICE)] if len(values) > SLICE else [values]
 
 
 def _grown(buckets: int) -> int:
