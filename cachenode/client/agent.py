@@ -1,6 +1,7 @@
 """`AgentClient`: a process in the agent's pod (the connector) using the agent's arena directly.
 
-Control over gRPC (the `Agent` service); chunk bytes through the arena file, mapped here once:
+Control over gRPC (the `Agent` service; Locate and Unpin on the agent's data channel where it
+offers them, agent_control.py); chunk bytes through the arena file, mapped here once:
 a get copies each value out of the arena at the offsets the agent leased, then ends the lease;
 a put writes into reserved ranges, then commits with a checksum per value (nothing is stored
 unless every checksum matches). A lease is used only within half its TTL: a caller that stalled
@@ -23,13 +24,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import grpc
 
 from kvpool.cachenode.client import arena_file
+from kvpool.cachenode.client.agent_control import AgentControl
 from kvpool.cachenode.client.arena import Region
 from kvpool.cachenode.client.lookup import open_channel
 from kvpool.cachenode.core.errors import BadReply, InvalidRequest, NotInThisPod, Unavailable
 from kvpool.cachenode.core.record import checksum
 from kvpool.cachenode.core.urls import parse_urls
 from kvpool.cachenode.core.validation import check_key, check_value_size
-from kvpool.cachenode.rpc.channels import bearer_metadata
+from kvpool.cachenode.rpc.channels import bearer_metadata, trust
 from kvpool.cachenode.rpc.proto import agent_pb2 as pb
 from kvpool.cachenode.rpc.proto import agent_pb2_grpc as pb_grpc
 from kvpool.cachenode.rpc.proto import kvpool_pb2, kvpool_pb2_grpc
@@ -65,8 +67,11 @@ class AgentClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         tls_ca_file: str | None = None,
         name: str = "kvpool-python",
+        use_data_channel: bool = True,
     ) -> None:
-        seeds, _ = parse_urls(url)
+        """`use_data_channel`: Locate and Unpin on the agent's data channel where it offers them
+        (one round trip, no gRPC call); gRPC otherwise."""
+        seeds, tls = parse_urls(url)
         if len(seeds) != 1:
             raise InvalidRequest(f"an agent is one URL, got {url!r}")
         self.url = url
@@ -79,6 +84,17 @@ class AgentClient:
         self._lock = threading.Lock()
         self._arena: tuple[pb.AgentAttachResponse, Region] | None = None
         self._ending: set = set()  # Done calls in flight (kept referenced until they finish)
+        self._control = (
+            AgentControl(
+                seeds[0][0],
+                url,
+                lambda: self._call(self._node.Hello, kvpool_pb2.HelloRequest(client=self._name)),
+                timeout=timeout,
+                tls=trust(tls_ca_file)[1] if tls else None,
+            )
+            if use_data_channel
+            else None
+        )
 
     def __enter__(self) -> AgentClient:
         return self
@@ -88,6 +104,8 @@ class AgentClient:
 
     def close(self) -> None:
         self._detach()
+        if self._control is not None:
+            self._control.close()
         self._channel.close()
 
     # -- the arena -----------------------------------------------------------------------------
@@ -170,6 +188,11 @@ class AgentClient:
         if not keys:
             return 0, 0
         lease_id = (lease_id or secrets.randbits(63) | 1) if lease_ms else 0
+        if not 0 <= lease_ms < 1 << 32:
+            raise InvalidRequest(f"lease_ms {lease_ms} out of range")
+        located = self._control.locate(keys, int(lease_ms), lease_id) if self._control else None
+        if located is not None:
+            return located
         request = pb.AgentLocateRequest(keys=keys, lease_ms=int(lease_ms), lease_id=lease_id)
         reply = self._call(self._stub.Locate, request)
         if reply.count > len(keys):
@@ -177,8 +200,13 @@ class AgentClient:
         return reply.count, reply.lease_id
 
     def release(self, lease_id: int, keys: Sequence[bytes] | None = None) -> int:
-        request = pb.AgentUnpinRequest(lease_id=lease_id, keys=[check_key(k) for k in keys or ()])
-        return self._call(self._stub.Unpin, request).count
+        keys = [check_key(k) for k in keys or ()]
+        if not 0 <= lease_id < 1 << 64:
+            raise InvalidRequest(f"lease id {lease_id} out of range")
+        unpinned = self._control.unpin(lease_id, keys) if self._control else None
+        if unpinned is not None:
+            return unpinned
+        return self._call(self._stub.Unpin, pb.AgentUnpinRequest(lease_id=lease_id, keys=keys)).count
 
     # -- values --------------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """`NodeConnection`: everything a client says to one node, and nothing about pools.
 
-Control calls go over gRPC (the channel from rpc/channels.py); values travel on the node's lean
-TCP data channel (datachannel.py, learned with one Hello call), received straight into the
-result objects; the ≤ 4 MiB-frame gRPC stream is the fallback when the data channel is off or
-unreachable, and NIXL (nixl.py) the fast path where it is on. `Client` (pool.py) routes keys over one
-NodeConnection per pool member; nodes use it too, to probe their peers and hand chunks over.
+Control calls go over gRPC (the channel from rpc/channels.py), except the small lookups (prefix
+hits, leases, contains), which take the data channel's control ops in one round trip where the
+node offers them; values travel on the node's lean TCP data channel (datachannel.py, learned with
+one Hello call), received straight into the result objects; the ≤ 4 MiB-frame gRPC stream is the
+fallback when the data channel is off or unreachable, and NIXL (nixl.py) the fast path where it
+is on. `Client` (pool.py) routes keys over one NodeConnection per pool member; nodes use it too,
+to probe their peers and hand chunks over.
 
 Every reply is checked before it is believed: counts must match the request, sizes must lie
 within the node's announced limits and add up to the bytes that arrived. A reply that does not
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,12 +26,14 @@ from dataclasses import dataclass
 import grpc
 
 from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer
+from kvpool.cachenode.client.control_ops import CALLS, NoControlOps, control_request
 from kvpool.cachenode.client.datachannel import DataChannel, Value, acquire_buffer, check_sizes
 from kvpool.cachenode.client.nixl import NixlRoute
 from kvpool.cachenode.core.errors import BadReply, InvalidRequest, Unavailable
+from kvpool.cachenode.core.record import MAX_KEY_SIZE
 from kvpool.cachenode.core.settings import MAX_FRAME_SIZE
 from kvpool.cachenode.core.urls import format_url
-from kvpool.cachenode.core.validation import check_value_size
+from kvpool.cachenode.core.validation import check_keys, check_value_size
 from kvpool.cachenode.rpc.channels import Metadata, bearer_metadata, open_channel, trust
 from kvpool.cachenode.rpc.grpcframes import split_into_frames
 from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
@@ -270,7 +275,11 @@ class NodeConnection:
         return self._data.get_into(key, buffer)
 
     def prefix_hits(self, keys: Sequence[bytes]) -> int:
-        reply = self._call(self._stub.PrefixHits, pb.KeysRequest(keys=list(keys)))
+        keys = list(keys)
+        finish = self.begin("prefix_hits", keys)
+        if finish is not None:
+            return finish()
+        reply = self._call(self._stub.PrefixHits, pb.KeysRequest(keys=keys))
         if reply.count > len(keys):
             raise BadReply(f"{self.url}: prefix of {reply.count} hits for {len(keys)} keys")
         return reply.count
@@ -278,7 +287,13 @@ class NodeConnection:
     def lease_prefix(self, keys: Sequence[bytes], lease_ms: int, lease_id: int = 0) -> tuple[int, int]:
         """prefix_hits that also pins what it found for ``lease_ms`` under ``lease_id``
         (0: the node picks one); returns (count, lease id), the id 0 when nothing was pinned."""
-        request = pb.KeysRequest(keys=list(keys), lease_ms=int(lease_ms), lease_id=lease_id)
+        keys = list(keys)
+        if not 0 <= lease_ms < 1 << 32 or not 0 <= lease_id < 1 << 64:
+            raise InvalidRequest(f"lease_ms {lease_ms} or lease id {lease_id} out of range")
+        finish = self.begin("lease_prefix", keys, int(lease_ms), lease_id)
+        if finish is not None:
+            return finish()
+        request = pb.KeysRequest(keys=keys, lease_ms=int(lease_ms), lease_id=lease_id)
         reply = self._call(self._stub.PrefixHits, request)
         if reply.count > len(keys):
             raise BadReply(f"{self.url}: prefix of {reply.count} hits for {len(keys)} keys")
@@ -286,14 +301,41 @@ class NodeConnection:
 
     def release(self, lease_id: int, keys: Sequence[bytes] | None = None) -> int:
         """Unpin ``keys`` of a lease (the whole lease when None); returns how many were unpinned."""
-        request = pb.ReleaseRequest(lease_id=lease_id, keys=list(keys or ()))
+        keys = list(keys or ())
+        if not 0 <= lease_id < 1 << 64:
+            raise InvalidRequest(f"lease id {lease_id} out of range")
+        finish = self.begin("release", keys, lease_id)
+        if finish is not None:
+            return finish()
+        request = pb.ReleaseRequest(lease_id=lease_id, keys=keys)
         return self._call(self._stub.Release, request).count
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
-        reply = self._call(self._stub.Contains, pb.KeysRequest(keys=list(keys)))
+        keys = list(keys)
+        finish = self.begin("contains", keys)
+        if finish is not None:
+            return finish()
+        reply = self._call(self._stub.Contains, pb.KeysRequest(keys=keys))
         if len(reply.present) != len(keys):
             raise BadReply(f"{self.url}: {len(reply.present)} flags for {len(keys)} keys")
         return list(reply.present)
+
+    def begin(self, call: str, keys: Sequence[bytes], *args: int) -> Callable[[], object] | None:
+        """Send `call` ("prefix_hits", "contains", "lease_prefix" with lease_ms, lease_id, or
+        "release" with lease_id) on the data channel now; the function returned waits for its
+        answer, as the method of that name gives it. None: make the call itself (over gRPC)."""
+        keys = list(keys)
+        if not self._control_on(keys):
+            return None
+        try:
+            request = control_request(CALLS[call], keys, self.url, *args)
+        except struct.error:  # an argument out of range: the method says so
+            return None
+        try:
+            finish = self._data.begin([request])
+        except NoControlOps:
+            return None
+        return lambda: finish()[0]
 
     def delete(self, keys: Sequence[bytes]) -> int:
         reply = self._call(self._stub.Delete, pb.KeysRequest(keys=list(keys)))
@@ -390,6 +432,18 @@ class NodeConnection:
     # -- data channel --------------------------------------------------------------------
     def _data_channel_on(self) -> bool:
         return self.options.use_data_channel and self.hello().data_port != 0
+
+    def _control_on(self, keys: list[bytes]) -> bool:
+        """Whether a control call goes over the data channel (the node advertises one whose
+        hello reply offers the control ops); its keys are then checked here, as the node's gRPC
+        service would, so that bad input is refused without costing the connection."""
+        if not (self._data_channel_on() and self._data.supports()):
+            return False
+        limit = self.hello().max_batch_keys
+        if len(keys) > limit or not all(type(k) is bytes and 0 < len(k) <= MAX_KEY_SIZE for k in keys):
+            check_keys(keys, limit)  # the reason, or a bytes-like key: made bytes here
+            keys[:] = [bytes(k) for k in keys]
+        return True
 
 
 def check_member(member: pb.Member, where: str) -> None:

@@ -15,6 +15,13 @@ import ssl
 from collections.abc import Callable, Sequence
 
 from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer
+from kvpool.cachenode.client.control_ops import (
+    ControlRequest,
+    fits_one_window,
+    pipelined,
+    receive,
+    send,
+)
 from kvpool.cachenode.core.errors import (
     BadReply,
     InvalidRequest,
@@ -68,7 +75,7 @@ class DataConnection:
         self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
         self.rfile = self.sock.makefile("rb", buffering=READ_BUFFER)
         self.sock.sendall(dp.encode_hello(token))
-        self.read_status()
+        self.features = self.read_status()  # FEATURE_* bits; 0 from nodes without control ops
 
     def read_exact(self, n: int) -> bytes:
         data = self.rfile.read(n)
@@ -125,6 +132,7 @@ class DataChannel:
         self._tls = tls
         self._max_idle = max_idle
         self._idle: collections.deque[DataConnection] = collections.deque()  # append/pop are atomic
+        self._features: tuple[pb.HelloResponse, int] | None = None  # (session, its FEATURE_* bits)
         self.closed = False
 
     def close(self) -> None:
@@ -150,6 +158,60 @@ class DataChannel:
 
     def get_into(self, key: bytes, buffer) -> int | None:
         return self._with_connection(lambda conn: self._get_into(conn, key, buffer))
+
+    # -- control ops: one round trip on a pooled connection, pipelined -------------------------
+    def supports(self, feature: int = dp.FEATURE_CONTROL) -> bool:
+        """Whether the server answers a FEATURE_* of ops, as its hello reply said (an old node:
+        none); learned once per session (a restart, e.g. an upgrade, brings a new one)."""
+        hello = self._session()
+        known = self._features
+        if known is None or known[0] is not hello:
+            known = self._features = (hello, self._with_connection(lambda conn: conn.features))
+        return bool(known[1] & feature)
+
+    def pipeline(self, requests: Sequence[ControlRequest]) -> list:
+        """The replies to `requests`, all exchanged on one connection (control_ops.pipelined);
+        NoControlOps where the connection's server lacks an op's feature."""
+        return self._with_connection(lambda conn: pipelined(conn, requests))
+
+    def begin(self, requests: Sequence[ControlRequest]) -> Callable[[], list]:
+        """Send `requests` now and return the function that reads their replies (call it once):
+        one thread so has requests in flight on several nodes at once. Errors as `pipeline`'s,
+        raised by the send or the read; a stale pooled connection is retried at the read."""
+        if not fits_one_window(requests):
+            return lambda: self.pipeline(requests)
+        conn, reused = self._acquire()
+        try:
+            send(conn, requests)
+        except BaseException as exc:
+            conn.close()
+            if reused and _stale(exc):
+                return lambda: self.pipeline(requests)
+            raise self._control_failure(exc) from None
+
+        def finish() -> list:
+            try:
+                replies = receive(conn, requests)
+            except BaseException as exc:
+                conn.close()
+                if reused and _stale(exc):
+                    return self.pipeline(requests)  # a fresh connection, as _with_connection would
+                raise self._control_failure(exc) from None
+            self._release(conn)
+            return replies
+
+        return finish
+
+    def _control_failure(self, exc: BaseException) -> BaseException:
+        """The error `_with_connection` would raise for `exc`."""
+        where = f"data channel to {self._host}:{self._session().data_port}"
+        if isinstance(exc, KVPoolError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return Unreachable(f"{where}: {exc}")
+        if isinstance(exc, OSError | ConnectionError):
+            return Unavailable(f"{where} failed: {exc}")
+        return exc
 
     # -- the pool of connections -----------------------------------------------------------
     def _with_connection(self, operation):
@@ -203,6 +265,7 @@ class DataChannel:
                 raise
             except OSError as exc:
                 raise Unreachable(f"cannot reach data channel {host}:{hello.data_port}: {exc}") from None
+            self._features = (hello, conn.features)
             return conn, False
         raise AssertionError("unreachable")
 
@@ -266,3 +329,8 @@ class DataChannel:
         if got != size:
             raise ConnectionError("data channel closed mid-value")
         return size
+
+
+def _stale(exc: BaseException) -> bool:
+    """A pooled connection the node closed meanwhile (not a timeout: the node is slow)."""
+    return isinstance(exc, OSError | ConnectionError) and not isinstance(exc, TimeoutError | KVPoolError)

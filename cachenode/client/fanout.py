@@ -1,9 +1,10 @@
 """Calls to several pool members at once, and the handoff copies a read leaves behind.
 
-A request split by node runs one group per member in parallel, the caller's thread taking one;
-a member that fails is reported (its breaker opens, or it is marked leaving) and its group
-comes back in the failures, for the caller to route again. Copies to new owners run in the
-background on the same threads.
+A request split by node runs one group per member in parallel, the caller's thread taking one
+(lookups on the data channel's control ops: every group sent from the caller's thread, then every
+answer read there); a member that fails is reported (its breaker opens, or it is marked leaving)
+and its group comes back in the failures, for the caller to route again. Copies to new owners run
+in the background on the same threads.
 """
 
 from __future__ import annotations
@@ -35,16 +36,20 @@ class FanOut:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, routing: Routing, groups: Mapping[str, list], call) -> tuple[dict, dict]:
+    def run(self, routing: Routing, groups: Mapping[str, list], call, begin=None) -> tuple[dict, dict]:
         """Run `call(member, items)` for each node's group in parallel (the caller's thread takes
-        one group). Returns (results by node, Unavailable by node); other errors propagate."""
+        one group). Returns (results by node, Unavailable by node); other errors propagate.
+
+        `begin(member, items)`, where given, sends a group's request without waiting and returns
+        the function that waits for its answer (None: that node takes `call`): the caller's
+        thread then has every such request in flight at once, with no hop to a worker thread."""
         results: dict = {}
         failed: dict = {}
 
-        def one(node: str):
+        def settle(node: str, answer):
             member = routing.members[node]
             try:
-                value = call(member, groups[node])
+                value = answer()
             except NixlRequired:
                 raise  # transport="nixl" refused a fallback: the node itself is fine
             except Unavailable as exc:
@@ -53,13 +58,47 @@ class FanOut:
             member.breaker.record_success()
             return node, True, value
 
+        def one(node: str):
+            return settle(node, lambda: call(routing.members[node], groups[node]))
+
         nodes = list(groups)
-        futures = [self._pool().submit(one, node) for node in nodes[1:]]
-        outcomes = [one(nodes[0])] if nodes else []
+        started = self._begin(routing, groups, begin, failed) if begin is not None and len(nodes) > 1 else {}
+        rest = [n for n in nodes if n not in started and n not in failed]
+        futures = [self._pool().submit(one, node) for node in rest[1:]]
+        outcomes = []
+        try:
+            if rest:
+                outcomes.append(one(rest[0]))
+            while started:
+                node, finish = started.popitem()
+                outcomes.append(settle(node, finish))
+        finally:
+            _drain(started.values())  # an error above: the other answers are read, not left on sockets
         outcomes.extend(f.result() for f in futures)
         for node, ok, value in outcomes:
             (results if ok else failed)[node] = value
         return results, failed
+
+    def _begin(self, routing: Routing, groups: Mapping[str, list], begin, failed: dict) -> dict:
+        """Send every group `begin` takes; nodes whose send failed go into `failed`."""
+        started: dict = {}
+        for node, items in groups.items():
+            member = routing.members[node]
+            try:
+                finish = begin(member, items)
+            except NixlRequired:
+                _drain(started.values())
+                raise
+            except Unavailable as exc:
+                self._on_failure(member, exc)
+                failed[node] = exc
+                continue
+            except BaseException:
+                _drain(started.values())
+                raise
+            if finish is not None:
+                started[node] = finish
+        return started
 
     def present_elsewhere(
         self,
@@ -76,7 +115,12 @@ class FanOut:
             for node in candidates:
                 if node != asked.get(i) or i not in known:
                     groups[node].append(i)
-        flags, _ = self.run(routing, groups, lambda m, idx: m.conn.contains([keys[i] for i in idx]))
+        flags, _ = self.run(
+            routing,
+            groups,
+            lambda m, idx: m.conn.contains([keys[i] for i in idx]),
+            lambda m, idx: m.conn.begin("contains", [keys[i] for i in idx]),
+        )
         present: dict[int, bool] = {}
         for node, idx in groups.items():
             for i, flag in zip(idx, flags.get(node, ()), strict=False):
@@ -104,6 +148,15 @@ class FanOut:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(PARALLEL_CALLS, thread_name_prefix="kvpool-client")
         return self._executor
+
+
+def _drain(finishers: Iterable[Callable[[], object]]) -> None:
+    """Wait for answers nobody will use, so that their connections go back to the pool."""
+    for finish in list(finishers):
+        try:
+            finish()
+        except Exception:
+            continue
 
 
 def _copy(member: Member, items: list[tuple[bytes, bytes]]) -> None:

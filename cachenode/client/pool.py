@@ -299,16 +299,25 @@ class Client:
         known: dict[int, bool] = {}
         asked: dict[int, str] = {}
 
+        def counted(answer: tuple[int, int]) -> int:
+            if answer[1] and pinned is not None:
+                pinned.append(True)
+            return answer[0]
+
         def ask(member: Member, idx: list[int]) -> int:
             sub = [keys[i] for i in idx]
             if lease is None:
                 return member.conn.prefix_hits(sub)
-            count, node_lease = member.conn.lease_prefix(sub, lease[0], lease[1])
-            if node_lease and pinned is not None:
-                pinned.append(True)
-            return count
+            return counted(member.conn.lease_prefix(sub, lease[0], lease[1]))
 
-        counts, failed = self._fanout.run(routing, groups, ask)
+        def begin(member: Member, idx: list[int]):
+            sub = [keys[i] for i in idx]
+            if lease is None:
+                return member.conn.begin("prefix_hits", sub)
+            finish = member.conn.begin("lease_prefix", sub, lease[0], lease[1])
+            return None if finish is None else lambda: counted(finish())
+
+        counts, failed = self._fanout.run(routing, groups, ask, begin)
         first_miss = n if groups else 0
         for node, idx in groups.items():
             if node in counts:
@@ -372,7 +381,10 @@ class Client:
                 for node in nodes:
                     groups[node].append(key)
         counts, failed = self._fanout.run(
-            routing, groups, lambda m, ks: m.conn.release(lease_id, None if keys is None else ks)
+            routing,
+            groups,
+            lambda m, ks: m.conn.release(lease_id, None if keys is None else ks),
+            lambda m, ks: m.conn.begin("release", ks, lease_id),  # no keys: the whole lease
         )
         for node in failed:
             if not defer:
@@ -397,7 +409,10 @@ class Client:
             if owners:
                 groups[owners[0]].append(i)
         flags, failed = self._fanout.run(
-            routing, groups, lambda m, idx: m.conn.contains([keys[i] for i in idx])
+            routing,
+            groups,
+            lambda m, idx: m.conn.contains([keys[i] for i in idx]),
+            lambda m, idx: m.conn.begin("contains", [keys[i] for i in idx]),
         )
         known: dict[int, bool] = {}
         asked: dict[int, str] = {}

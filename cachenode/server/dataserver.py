@@ -3,7 +3,9 @@ straight into L1 arena ranges that get stored as they are, values sent from the 
 (whose memoryviews keep them alive until sent; see tiers/arena_memory.py).
 
 A put becomes visible only after every byte of the request arrived; a cut-off request stores
-nothing. Any protocol error answers with a status and closes the connection.
+nothing. Any protocol error answers with a status and closes the connection. Control ops (prefix
+hits, leases, contains) are answered on the connection's own thread by control.py, the logic the
+gRPC service uses, in the order they arrived (clients may pipeline them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kvpool.cachenode.core import metrics
 from kvpool.cachenode.core.errors import InvalidRequest
 from kvpool.cachenode.core.validation import check_value_size
 from kvpool.cachenode.rpc import dataproto as dp
+from kvpool.cachenode.server import control
 
 if TYPE_CHECKING:
     from kvpool.cachenode.rpc.tls import ServerTLS
@@ -59,12 +62,21 @@ class _Refused(Exception):
 DRAIN_CHUNK = 1024 * 1024
 
 
-def _read_into(rfile, view: memoryview) -> None:
-    while view:
-        got = rfile.readinto(view)
-        if not got:
-            raise _ClientGone
+def _read_into(conn: socket.socket, rfile, view: memoryview) -> None:
+    """Fill `view`: first what `rfile` read ahead with the request's header, then straight from
+    the socket. One `readinto1` empties the reader's buffer unless it fills the view (a raw read it
+    makes goes into the view, or into an empty buffer that it then copies out up to the view's
+    end), so the rest can bypass the reader: no second copy of the value's tail through the
+    reader's buffer, and no Python-level wrapper per socket read."""
+    if not view:
+        return
+    got = rfile.readinto1(view)
+    while got:
         view = view[got:]
+        if not view:
+            return
+        got = conn.recv_into(view)
+    raise _ClientGone
 
 
 class DataServer:
@@ -87,6 +99,7 @@ class DataServer:
         self._tls = tls
         self._refuse_puts = refuse_puts
         self._store = store
+        self.agent: control.Locator | None = None  # an agent's own lookups: LOCATE and UNPIN
         self._token = token
         self._max_value_size = max_value_size
         self._max_batch_keys = max_batch_keys
@@ -195,7 +208,8 @@ class DataServer:
             metrics.ERRORS.labels("data_unauthenticated").inc()
             self._reply_error(conn, dp.STATUS_UNAUTHENTICATED, "bad data channel token; call Hello over gRPC")
             return False
-        conn.sendall(dp.encode_status(dp.STATUS_OK))
+        features = dp.FEATURES | (dp.FEATURE_AGENT if self.agent is not None else 0)
+        conn.sendall(dp.encode_status(dp.STATUS_OK, features))  # count: what this server answers
         return True
 
     def _handle(self, conn: socket.socket, rfile, header: bytes) -> None:
@@ -203,6 +217,9 @@ class DataServer:
         table = rfile.read(table_len)
         if len(table) < table_len:
             raise _ClientGone
+        if op in dp.CONTROL_OPS:
+            conn.sendall(self._control(op, count, table))
+            return
         entries = dp.parse_table(op, count, table)
         if op == dp.OP_PING:
             conn.sendall(dp.encode_status(dp.STATUS_OK))
@@ -210,6 +227,35 @@ class DataServer:
             self._get(conn, [key for key, _ in entries])
         else:
             self._put(conn, rfile, entries)
+
+    def _control(self, op: int, count: int, table: bytes) -> bytes:
+        """A control op answered on this connection's thread (no hop to a worker): the reply."""
+        args, keys = dp.parse_control(op, count, table)
+        if op == dp.OP_PREFIX_HITS:
+            hits, _ = control.prefix_hits(self._store, keys, 0, 0, "data")
+            return dp.encode_status(dp.STATUS_OK, hits)
+        if op == dp.OP_LEASE:
+            lease_ms, lease_id = args
+            hits, lease_id = control.prefix_hits(self._store, keys, lease_ms, lease_id, "data")
+            return dp.encode_status(dp.STATUS_OK, hits) + dp.LEASE_ID.pack(lease_id)
+        if op == dp.OP_RELEASE:
+            (lease_id,) = args
+            released = control.release(self._store, lease_id, keys or None, "data")
+            return dp.encode_status(dp.STATUS_OK, released)
+        if op in dp.AGENT_OPS:
+            return self._agent_control(op, args, keys)
+        flags = control.contains(self._store, keys, "data")
+        return dp.encode_status(dp.STATUS_OK, len(flags)) + dp.encode_flags(flags)
+
+    def _agent_control(self, op: int, args: tuple[int, ...], keys: list[bytes]) -> bytes:
+        if self.agent is None:
+            raise dp.FrameError(f"op {op} is an agent's; this is a cache node")
+        if op == dp.OP_LOCATE:
+            lease_ms, lease_id = args
+            hits, lease_id, local = control.locate(self.agent, keys, lease_ms, lease_id, "data")
+            return dp.encode_status(dp.STATUS_OK, hits) + dp.LOCATE_REPLY.pack(lease_id, local)
+        (lease_id,) = args
+        return dp.encode_status(dp.STATUS_OK, control.unpin(self.agent, lease_id, keys or None, "data"))
 
     def _get(self, conn: socket.socket, keys: list[bytes]) -> None:
         started = time.perf_counter()
@@ -246,7 +292,7 @@ class DataServer:
             if value is None:
                 value = bytearray(size)
                 metrics.ERRORS.labels("data_put_outside_arena").inc()
-            _read_into(rfile, memoryview(value).cast("B"))  # cut off: nothing becomes visible
+            _read_into(conn, rfile, memoryview(value).cast("B"))  # cut off: nothing becomes visible
             items.append((key, value))
         self._store.put_many(items)
         conn.sendall(dp.encode_status(dp.STATUS_OK, len(items)))

@@ -12,13 +12,13 @@ import grpc
 
 from kvpool.cachenode.core import metrics
 from kvpool.cachenode.core.errors import InvalidRequest, NodeLeaving
-from kvpool.cachenode.core.leases import MAX_TTL_S
 from kvpool.cachenode.core.settings import MAX_FRAME_SIZE
 from kvpool.cachenode.core.validation import check_keys, check_value_size
 from kvpool.cachenode.rpc.grpcframes import split_into_frames
 from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
 from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.cachenode.rpc.status import abort
+from kvpool.cachenode.server import control
 
 if TYPE_CHECKING:
     from kvpool.cachenode.core.settings import NodeSettings
@@ -69,35 +69,22 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
 
     def PrefixHits(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.CountResponse:
         keys = self._checked_keys(request.keys, context)
-        lease_id = 0
-        if request.lease_ms:
-            if request.lease_ms > MAX_TTL_S * 1000:
-                metrics.ERRORS.labels("grpc_invalid").inc()
-                abort(
-                    context,
-                    InvalidRequest(
-                        f"lease_ms {request.lease_ms} exceeds the limit of {MAX_TTL_S * 1000:.0f}"
-                    ),
-                )
-            count, lease_id = self._store.lease_prefix(
-                keys, request.lease_ms / 1000, request.lease_id or None
+        try:
+            count, lease_id = control.prefix_hits(
+                self._store, keys, request.lease_ms, request.lease_id, "grpc"
             )
-        else:
-            count = self._store.prefix_hits(keys)
-        metrics.REQUESTS.labels("prefix_hits", "grpc").inc()
-        metrics.REQUESTED_KEYS.inc(len(keys))
-        metrics.HIT_KEYS.inc(count)
+        except InvalidRequest as exc:
+            metrics.ERRORS.labels("grpc_invalid").inc()
+            abort(context, exc)
         return pb.CountResponse(count=count, lease_id=lease_id)
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.CountResponse:
         keys = self._checked_keys(request.keys, context) if request.keys else None
-        metrics.REQUESTS.labels("release", "grpc").inc()
-        return pb.CountResponse(count=self._store.release(request.lease_id, keys))
+        return pb.CountResponse(count=control.release(self._store, request.lease_id, keys, "grpc"))
 
     def Contains(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.ContainsResponse:
         keys = self._checked_keys(request.keys, context)
-        metrics.REQUESTS.labels("contains", "grpc").inc()
-        return pb.ContainsResponse(present=[self._store.contains(k) for k in keys])
+        return pb.ContainsResponse(present=control.contains(self._store, keys, "grpc"))
 
     def Delete(self, request: pb.KeysRequest, context: grpc.ServicerContext) -> pb.CountResponse:
         keys = self._checked_keys(request.keys, context)

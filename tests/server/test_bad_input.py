@@ -38,7 +38,7 @@ def _data_socket(node) -> socket.socket:
     hello = node.hello()
     sock = socket.create_connection(("127.0.0.1", hello.data_port), timeout=5)
     sock.sendall(dp.encode_hello(hello.data_token))
-    assert sock.recv(dp.STATUS_STRUCT.size) == dp.encode_status(dp.STATUS_OK)
+    assert sock.recv(dp.STATUS_STRUCT.size) == dp.encode_status(dp.STATUS_OK, dp.FEATURES)
     return sock
 
 
@@ -172,7 +172,7 @@ def test_data_channel_bad_hello_and_token(node):
 @pytest.mark.parametrize(
     "header, expected",
     [
-        (dp.REQUEST_STRUCT.pack(9, 0, 1, 2), "unknown op"),
+        (dp.REQUEST_STRUCT.pack(99, 0, 1, 2), "unknown op"),  # 4..9 are control ops
         (dp.REQUEST_STRUCT.pack(dp.OP_GET, 7, 1, 2), "unknown flags"),
         (dp.REQUEST_STRUCT.pack(dp.OP_GET, 0, 1, 1 << 30), "too long"),
         (dp.REQUEST_STRUCT.pack(dp.OP_GET, 0, 2, 4) + b"\x01a\x05b", "truncated"),

@@ -88,6 +88,7 @@ class AgentServer(CacheNode):
             node = settings.node()
             node.lookup_url = settings.lookup_url  # the node's Publisher wiring, as kind "agent"
             super().__init__(node, store=store)
+            self._data.agent = self  # the connector's Locate/Unpin on the data channel too
             self.sources = self._make_sources(settings)
         except BaseException:
             self._close_own()

@@ -15,11 +15,11 @@ import grpc
 
 from kvpool.cachenode.core import metrics
 from kvpool.cachenode.core.errors import CorruptData, InvalidRequest, LeaseGone, NodeLeaving, NoRoom
-from kvpool.cachenode.core.leases import MAX_TTL_S
 from kvpool.cachenode.core.validation import check_keys, check_value_size
 from kvpool.cachenode.rpc.proto import agent_pb2 as pb
 from kvpool.cachenode.rpc.proto import agent_pb2_grpc as pb_grpc
 from kvpool.cachenode.rpc.status import abort
+from kvpool.cachenode.server import control
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -75,19 +75,17 @@ class AgentService(pb_grpc.AgentServicer):
 
     def Locate(self, request: pb.AgentLocateRequest, context: grpc.ServicerContext) -> pb.AgentLocateResponse:
         keys = self._keys(request.keys, context)
-        if request.lease_ms > MAX_TTL_S * 1000:
-            limit = f"lease_ms {request.lease_ms} exceeds the limit of {MAX_TTL_S * 1000:.0f}"
-            self._abort(context, InvalidRequest(limit), "agent_invalid")
-        count, lease_id, local = self._agent.locate(keys, request.lease_ms, request.lease_id)
-        metrics.REQUESTS.labels("prefix_hits", TRANSPORT).inc()
-        metrics.REQUESTED_KEYS.inc(len(keys))
-        metrics.HIT_KEYS.inc(count)
+        try:
+            count, lease_id, local = control.locate(
+                self._agent, keys, request.lease_ms, request.lease_id, TRANSPORT
+            )
+        except InvalidRequest as exc:
+            self._abort(context, exc, "agent_invalid")
         return pb.AgentLocateResponse(count=count, lease_id=lease_id, local=local)
 
     def Unpin(self, request: pb.AgentUnpinRequest, context: grpc.ServicerContext) -> pb.AgentUnpinResponse:
         keys = self._keys(request.keys, context) if request.keys else None
-        metrics.REQUESTS.labels("release", TRANSPORT).inc()
-        return pb.AgentUnpinResponse(count=self._agent.unpin(request.lease_id, keys))
+        return pb.AgentUnpinResponse(count=control.unpin(self._agent, request.lease_id, keys, TRANSPORT))
 
     def Get(self, request: pb.AgentGetRequest, context: grpc.ServicerContext) -> pb.AgentLease:
         keys = self._keys(request.keys, context)
