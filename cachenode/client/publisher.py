@@ -9,6 +9,11 @@ acknowledged. The service asks for a full snapshot (a resync) when it does not k
 new incarnation; the publisher also resyncs on its own when more than `max_pending` distinct keys
 wait (memory stays bounded: the snapshot replaces them). Heartbeats keep the lease; they are
 always on, at a third of the lease the service announces.
+
+A batch is sent `linger` seconds (10 ms) after its oldest event, or at once when `max_batch`
+events already wait, when `flush()` asks or on `stop()`: a holder taking one put per millisecond
+then makes one Publish call per burst instead of one per put (each call costs the holder's
+process a gRPC round trip: a node made one per put, about 0.25 ms of CPU each on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ FRAME_KEYS = 32768
 FIRST_HEARTBEAT_S = 1.0  # until the service has told its lease
 MAX_BACKOFF_S = 2.0
 ERROR_LOG_EVERY_S = 30.0
+DEFAULT_LINGER_S = 0.01  # how long a batch waits for more events after its oldest one
 
 _RESYNC = pb.LookupPublishResponse.RESYNC
 
@@ -72,8 +78,10 @@ class Publisher:
         max_pending: int = DEFAULT_MAX_PENDING,
         heartbeat_interval: float | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        linger: float = DEFAULT_LINGER_S,
     ) -> None:
-        """`heartbeat_interval` None = a third of the lease the service announces (capped to that)."""
+        """`heartbeat_interval` None = a third of the lease the service announces (capped to that).
+        `linger`: seconds a batch waits for more events after its oldest one (0: send at once)."""
         wire.holder_info(wire.holder_message(holder))  # raises InvalidRequest for a bad holder now
         if not 1 <= max_batch <= 1_000_000 or max_pending < max_batch:
             raise ValueError("need 1 <= max_batch <= 1000000 and max_pending >= max_batch")
@@ -84,6 +92,7 @@ class Publisher:
         self._max_pending = max_pending
         self._heartbeat_interval = heartbeat_interval
         self._timeout = timeout
+        self._linger = max(0.0, linger)
         self._metadata = bearer_metadata(token)
         self._channel = open_channel(url, tls_ca_file)
         self._stub = pb_grpc.LookupStub(self._channel)
@@ -106,6 +115,7 @@ class Publisher:
         self._last_error_log = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._hurry = threading.Event()  # flush() and stop() cut a batch's linger short
         self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="kvpool-lookup-publisher", daemon=True)
 
@@ -154,6 +164,7 @@ class Publisher:
         if self._thread.is_alive() and flush_timeout > 0:
             self.flush(flush_timeout)
         self._stop.set()
+        self._hurry.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self._timeout + 1)
@@ -167,8 +178,10 @@ class Publisher:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
                     return False
+                self._hurry.set()
                 self._wake.set()
                 self._idle.wait(min(left, 0.05))
+        self._hurry.clear()  # events recorded from now on linger again
         return True
 
     def stats(self) -> dict:
@@ -194,6 +207,7 @@ class Publisher:
                 if self._resync_reason:
                     self._resync()
                 elif self._inflight or self._pending:
+                    self._linger_for_more()
                     self._send_batch()
                 elif time.monotonic() - self._last_contact >= self._heartbeat_every():
                     self._heartbeat()
@@ -264,6 +278,16 @@ class Publisher:
             "%s %s: sent a snapshot of %d keys to %s (%s)", self.holder.kind, self.holder.holder_id,
             count, self.url, reason,
         )  # fmt: skip
+
+    def _linger_for_more(self) -> None:
+        """Before a new batch, wait until its oldest event is `linger` old (or max_batch wait)."""
+        with self._lock:
+            if self._inflight is not None or self._oldest is None or len(self._pending) >= self._max_batch:
+                return
+            wait = self._linger - (time.monotonic() - self._oldest)
+        if wait > 0:
+            self._hurry.wait(wait)
+        self._hurry.clear()
 
     def _send_batch(self) -> None:
         with self._lock:
