@@ -55,6 +55,11 @@ class SafePool:
         """May a call go to the pool now (hands out the breaker's probe when one is due)."""
         return self.pool is not None and self._breaker.allow()
 
+    def skipping(self) -> bool:
+        """True while calls are not sent to the pool (none, or its breaker open with no probe
+        due): they answer misses at once, so nobody should wait for one. Changes no state."""
+        return self.pool is None or self._breaker.retry_in() > 0
+
     def _ok(self, op: str) -> None:
         self._breaker.record_success(op)
 

@@ -24,8 +24,10 @@ COUNTERS = (
     "corrupt_chunks",  # chunks rejected by header/fingerprint/checksum checks
     "refused_requests",  # requests the connector cannot key safely: neither loaded nor stored
     "unsaved_tokens",  # tokens computed over a failed load (on any rank): not stored
+    "lookups",  # lookups sent to the pool (answers that load nothing are reused for a while)
+    "lookup_skipped_steps",  # times vLLM was told "not known yet": a request waited a step
 )
-LATENCIES = ("lookup_seconds", "load_seconds", "store_seconds")
+LATENCIES = ("lookup_seconds", "load_seconds", "store_seconds", "lookup_wait_seconds")
 
 
 class _Kind:

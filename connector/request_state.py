@@ -8,9 +8,11 @@ past it is stored until vLLM recomputes it. Pure state: no pool, no engine.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+from .lookup_wait import Ask
 
 
 @dataclass
@@ -26,7 +28,12 @@ class RequestState:
     load_limit: int | None = None
     pinned: int = 0  # interleaved keys the lookup's lease pinned
     lease: tuple[int, float] | None = None  # (lease id, local expiry) of the last lookup
-    lookup: Future | None = None  # a lookup not yet answered
+    lookup: Ask | None = None  # a lookup not yet answered (or answered, not yet read)
+    asked_at: float = 0.0  # time.monotonic() when the last answer was asked
+    # an answer that loads nothing (a miss, or no more than vLLM has itself) is trusted until then
+    # (time.monotonic()); afterwards it is asked again in the background and stands meanwhile
+    nothing_until: float | None = None
+    keys_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     load: tuple[int, int] | None = None  # token range to load this step
     saved_upto: int = 0  # chunks [0, saved_upto) are in the pool or were sent to be stored
     confirmed_upto: int = 0  # chunks computed in steps whose outputs showed no failed load

@@ -2,11 +2,13 @@
 which computed chunks to store, and when a request's blocks may be freed.
 
 A request's prompt → chained chunk keys (keys.py) that carry every other input that changes the KV
-(request_keys.py) → one batched lookup that pins what it found (a lease), run in a lookup thread so
-that a slow pool never holds up a scheduling step (the answer is kept per request; until it is
-known vLLM is told to ask again) → the longest run of full chunks the pool holds, always leaving at
-least one prompt token for vLLM to compute. Chunks are stored only one step after they were
-computed, once every worker's aggregated output showed no failed load for the request.
+(request_keys.py) → one batched lookup that pins what it found (a lease), run in a lookup thread and
+waited for only as long as a healthy pool takes (lookup_wait.py), so that a healthy pool answers
+within vLLM's call and a slow one never holds up a scheduling step for long (until its answer is
+known vLLM is told to ask again; answers are kept per request) → the longest run of full chunks
+the pool holds, always leaving at least one prompt token for vLLM to compute. Chunks are stored
+only one step after they were computed, once every worker's aggregated output showed no failed
+load for the request.
 
 It talks to the workers only through metadata.py and to the pool only through the connector's
 pool protocol (backend.py), so it runs with a fake pool and no engine (tests/connector).
@@ -25,8 +27,9 @@ from vllm.logger import init_logger
 
 from kvpool.cachenode.core.settings import ConnectorSettings, loads_async
 
-from . import metrics
+from . import lookup_wait, metrics
 from .keys import ModelFingerprint, chunk_keys
+from .lookup_wait import Ask, LookupWait
 from .metadata import KVPoolMetadata, KVPoolWorkerMeta, LoadTask, SaveTask, WorkerReport
 from .request_keys import AdapterDigests, key_inputs
 from .request_state import RequestState
@@ -37,6 +40,11 @@ if TYPE_CHECKING:
 log = init_logger(__name__)
 
 LEASE_REUSE_MARGIN_S = 1.0  # a lookup's lease is reused while it has at least this long to live
+WARM_UP_KEY = b"kvpool-warm-up-probe".ljust(32, b"\0")
+MISS_RECHECK_S = 0.5
+"""An answer that loads nothing is trusted this long, then asked again in the background while it
+stands: a waiting request that vLLM cannot schedule yet is asked about every step, and another
+engine may store its prefix meanwhile. A miss pins nothing, so nothing can expire under it."""
 
 
 class ConnectorScheduler:
@@ -69,11 +77,13 @@ class ConnectorScheduler:
         self._kv_cache_manager: Any = None  # vLLM's: get_block_ids(request) → blocks per group
         self._background: list[str] = []  # requests whose background load is sent this step
         self._lookup_pool: ThreadPoolExecutor | None = None
+        self._wait = LookupWait(settings.lookup_wait_ms / 1000, lookup_wait.FLOOR_S)
         self._reqs: dict[str, RequestState] = {}
         self._fps: list[ModelFingerprint] = []  # index = pp_rank * tp + tp_rank
         self._adapters = AdapterDigests()
         self._logged_refusals: set[str] = set()
         self._step = 0
+        self.warming: Future | None = None  # the lookup that opens the pool's connection
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +126,9 @@ class ConnectorScheduler:
                 "kvpool: chunk keys of tp%d/pp%d use fingerprint %s %s",
                 fp.tp_rank, fp.pp_rank, fp.digest.hex()[:16], json.dumps(asdict(fp), sort_keys=True),
             )  # fmt: skip
+        # Open the pool's connection now, not in the first request's lookup: connecting takes
+        # tens of ms, and that request would wait steps for it (a key nobody stores: a miss).
+        self.warming = self._lookups().submit(self._pool.prefix_hits, [WARM_UP_KEY])
 
     # -- lookups ---------------------------------------------------------------------------------
     def _refuse_once(self, reason: str) -> None:
@@ -160,11 +173,11 @@ class ConnectorScheduler:
             self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="kvpool-lookup")
         return self._lookup_pool
 
-    def _ask_pool(self, st: RequestState, request: Any | None, lease_ms: int) -> tuple[int, int, float]:
-        """One batched lookup (in a lookup thread): (found, lease id, when it was asked). The
-        request's keys are hashed first if they are not yet; the lookup goes no further than the
-        request may load (``load_limit``)."""
-        if st.keys is None:
+    def _ensure_keys(self, st: RequestState, request: Any) -> None:
+        """Hash ``st``'s keys unless another lookup thread has (one hashing per request)."""
+        with st.keys_lock:
+            if st.keys is not None:
+                return
             try:
                 self._hash_keys(st, request)
             except Exception as exc:  # never fail a request over its keys: neither load nor store
@@ -175,47 +188,96 @@ class ConnectorScheduler:
                     f"unkeyable input ({type(exc).__name__})",
                     {r: [] for r in range(len(self._fps))},
                 )
-        n = len(st.keys[0]) if st.load_limit is None else min(st.load_limit, len(st.keys[0]))
-        asked = time.monotonic()
-        if st.refused or n == 0:
-            return 0, 0, asked
-        t0 = time.perf_counter()
-        count, lease_id = self._pool.lease_prefix(self._interleaved(st, n), lease_ms)
-        metrics.STATS.observe("lookup_seconds", time.perf_counter() - t0)
-        return count, lease_id, asked
+
+    def _ask_pool(
+        self, ask: Ask, st: RequestState, request: Any | None, lease_ms: int
+    ) -> tuple[int, int, float]:
+        """One batched lookup (in a lookup thread): (found, lease id, when it was asked). The
+        request's keys are hashed first if they are not yet; the lookup goes no further than the
+        request may load (``load_limit``). Its timing feeds the scheduler's wait (lookup_wait.py)."""
+        hash_s, tokens, asked_pool = 0.0, 0, False
+        try:
+            if st.keys is None:
+                t0 = time.perf_counter()
+                self._ensure_keys(st, request)
+                hash_s, tokens = time.perf_counter() - t0, st.prompt_tokens
+            n = len(st.keys[0]) if st.load_limit is None else min(st.load_limit, len(st.keys[0]))
+            asked = time.monotonic()
+            if st.refused or n == 0:
+                return 0, 0, asked
+            t0 = time.perf_counter()
+            count, lease_id = self._pool.lease_prefix(self._interleaved(st, n), lease_ms)
+            metrics.STATS.observe("lookup_seconds", time.perf_counter() - t0)
+            metrics.STATS.add("lookups")
+            asked_pool = True
+            return count, lease_id, asked
+        finally:
+            self._wait.answered(ask, time.perf_counter(), hash_s, tokens, asked_pool)
+
+    def _hit_tokens(self, st: RequestState) -> int:
+        """Tokens the request may load from the pool's last answer: full chunks, but at least one
+        prompt token left for vLLM to compute (it needs one to produce logits): the last chunk
+        may be loaded up to a block boundary."""
+        if not self.settings.load:
+            return 0
+        limit = (st.prompt_tokens - 1) // self._block_size * self._block_size
+        return min(st.pool_chunks * self._C, limit)
 
     def _lookup(self, st: RequestState, request: Any, computed: int) -> bool:
-        """Bring ``st``'s pool answer up to date; False while a lookup is still running after
-        ``lookup_wait_ms`` (vLLM then asks again in a later step)."""
+        """Bring ``st``'s pool answer up to date; False while it is not known yet (vLLM then asks
+        again in a later step). A healthy pool answers within this call (the wait of
+        lookup_wait.py); a pool whose breaker is open is not waited for and answers a miss; an
+        answer that loads nothing stands for ``MISS_RECHECK_S`` and then while it is asked again."""
         lease_ms = self.settings.lease_ms if self.settings.load else 0
         if st.lookup is None:
-            if st.lease is not None and st.lease[1] - LEASE_REUSE_MARGIN_S > time.monotonic():
+            now = time.monotonic()
+            if st.lease is not None and st.lease[1] - LEASE_REUSE_MARGIN_S > now:
                 return True  # the last lookup's pins still hold: its answer stands
+            if st.nothing_until is not None and now < st.nothing_until and self._hit_tokens(st) <= computed:
+                return True  # a remembered answer that loads nothing: no lookup every step
             self._drop_lease(st)
             if st.keys is not None and (
                 not st.keys[0] or (st.load_limit is not None and st.load_limit * self._C <= computed)
             ):  # nothing more this request may load (its last load failed there): no lookup at all
                 return True  # pool_chunks stays as the failure left it (_roll_back)
-            st.lookup = self._lookups().submit(
-                self._ask_pool, st, request if st.keys is None else None, lease_ms
+            st.lookup = Ask(time.perf_counter())
+            st.lookup.future = self._lookups().submit(
+                self._ask_pool, st.lookup, st, request if st.keys is None else None, lease_ms
             )
+        # A miss may stand in for the answer: the last answer still loads nothing (it is being
+        # asked again), or the pool is skipped (breaker open: its lookup answers a miss anyway).
+        stand_in = (
+            st.nothing_until is not None and self._hit_tokens(st) <= computed
+        ) or self._pool.skipping()
+        wait = 0.0 if stand_in else self._wait.budget(st.prompt_tokens if st.keys is None else 0)
+        t0 = time.perf_counter()
         try:
-            count, lease_id, asked = st.lookup.result(timeout=self.settings.lookup_wait_ms / 1000)
+            count, lease_id, asked = st.lookup.future.result(timeout=wait)
         except TimeoutError:
+            if wait:
+                metrics.STATS.observe("lookup_wait_seconds", time.perf_counter() - t0)
+            if stand_in:  # a miss for now; the lookup's answer is read at the next call
+                st.found_in_pool(0, 0, None)
+                return True
+            self._wait.gave_up(st.lookup)
+            metrics.STATS.add("lookup_skipped_steps")
             return False
         except Exception:  # cannot happen (SafePool answers misses); stay safe
             count, lease_id, asked = 0, 0, time.monotonic()
-        st.lookup = None
+        if wait:
+            metrics.STATS.observe("lookup_wait_seconds", time.perf_counter() - t0)
+        st.lookup, st.asked_at, st.nothing_until = None, asked, None
         st.found_in_pool(
             count // len(self._fps), count, (lease_id, asked + lease_ms / 1000) if lease_id else None
         )
         return True
 
-    def _drop_lease(self, st: RequestState) -> None:
+    def _drop_lease(self, st: RequestState, pending: bool = True) -> None:
         """The lookup's pins are not going to be read: end them now rather than at expiry (a
-        lookup still running ends its pins when it answers)."""
-        if st.lookup is not None:
-            st.lookup.add_done_callback(self._release_answer)
+        lookup still running ends its pins when it answers, unless ``pending`` is False: the
+        request still waits for that answer)."""
+        if st.lookup is not None and pending:
+            st.lookup.future.add_done_callback(self._release_answer)
             st.lookup = None
         if st.lease is not None:
             self._pool.release(st.lease[0])
@@ -239,11 +301,7 @@ class ConnectorScheduler:
             return None, False  # not known yet: vLLM skips the request this step and asks again
         if st.refused:  # found out while hashing its keys
             return 0, False
-        # Load as far as the pool goes, but leave at least one prompt token for vLLM to compute
-        # (it needs one to produce logits): the last chunk may be loaded up to a block boundary.
-        bs = self._block_size
-        limit = (st.prompt_tokens - 1) // bs * bs
-        hit_tokens = min(st.pool_chunks * self._C, limit) if self.settings.load else 0
+        hit_tokens = self._hit_tokens(st)
         if not st.counted:
             st.counted = True
             metrics.STATS.add("requests")
@@ -251,7 +309,9 @@ class ConnectorScheduler:
             metrics.STATS.add("hit_tokens", hit_tokens)
         if hit_tokens <= num_computed_tokens:
             st.load = None
-            self._drop_lease(st)
+            self._drop_lease(st, pending=False)
+            if st.lookup is None and st.nothing_until is None:
+                st.nothing_until = st.asked_at + MISS_RECHECK_S
             return 0, False
         st.load = (num_computed_tokens, hit_tokens)
         return hit_tokens - num_computed_tokens, self._async_loads

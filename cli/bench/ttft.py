@@ -34,6 +34,10 @@ def _quiet_vllm() -> None:
 def ttft(model: str | None, lengths: str, repeats: int, gpu: str, gpu_lengths: str, as_json: bool) -> None:
     """Same engine and prompt: TTFT with a warm kvpool pool vs the cache off.
 
+    Also what a request the pool does not hold costs vLLM's scheduler thread (keys and the
+    lookup; devtools/miss_overhead.py), and how many steps requests were skipped because a lookup
+    had not answered within the call (0 for a healthy pool).
+
     On a CPU with the tiny model the figures are indicative only: prefill of a 2-layer model is
     cheap, so the ratio understates what a real model on a GPU gains.
     """
@@ -68,7 +72,16 @@ def ttft(model: str | None, lengths: str, repeats: int, gpu: str, gpu_lengths: s
             f"{n:>6} tokens: TTFT off {out[f'baseline_ttft_ms_{n}']:8.1f} ms, warm pool {out[f'ttft_ms_{n}']:8.1f} ms "
             f"({out[f'ratio_ttft_{n}']:.2f}x), {out[f'cached_tokens_{n}']} tokens from cache"
         )
-    click.echo(f"connector overhead on a miss: {out['connector_miss_overhead_ms']:.3f} ms per request")
+    click.echo(
+        f"connector on a miss: {out['connector_miss_overhead_ms']:.3f} ms on vLLM's scheduler thread per "
+        f"request (p90 {out['connector_miss_overhead_p90_ms']:.3f} ms; its parts alone: keys "
+        f"{out['connector_miss_keys_ms']:.3f} ms, lookup {out['connector_miss_lookup_ms']:.3f} ms), "
+        f"{out['connector_miss_skipped_steps']} skipped steps in {out['connector_miss_requests']} requests"
+    )
+    click.echo(
+        f"engine with the connector: {out['engine_lookup_skipped_steps']:.0f} skipped steps, "
+        f"{out['engine_lookups']:.0f} lookups for {out['engine_requests']:.0f} requests"
+    )
     click.echo(f"outputs identical: {'yes' if out['outputs_identical'] else 'NO'}")
 
 

@@ -16,11 +16,12 @@ import statistics
 import time
 from collections.abc import Callable
 
-CHUNK = 256
-BLOCK = 128
+from .miss_overhead import BLOCK, CHUNK, miss_figures
 
 
-def build_engine(model: str, connector: bool, extra: dict | None = None, max_model_len: int = 8192):
+def build_engine(
+    model: str, connector: bool, extra: dict | None = None, max_model_len: int = 8192, log_stats: bool = False
+):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -43,6 +44,7 @@ def build_engine(model: str, connector: bool, extra: dict | None = None, max_mod
         seed=0,
         max_num_seqs=4,
         enforce_eager=True,
+        disable_log_stats=not log_stats,
         **({"kv_cache_memory_bytes": 512 << 20} if cpu else {"gpu_memory_utilization": 0.8}),
         **kwargs,
     )
@@ -90,59 +92,10 @@ def generate(llm, ids: list[int], max_tokens: int = 16):
     return out[0]
 
 
-def _own_embedded_pool(engine: str, stop) -> None:
-    """A worker process's part: own the embedded pool (and its rendezvous file) until told."""
-    from kvpool.connector.backend import open_pool
-
-    owner = open_pool(
-        None, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0, timeout_s=0.5, engine_id=engine
-    )
-    stop.wait(600)
-    owner.close()
-
-
 def miss_overhead_ms(n_tokens: int = 4096, repeats: int = 200) -> float:
-    """The connector's work on the request path for a request the pool does not hold: chained
-    keys for the whole prompt plus one batched lookup to an embedded pool owned by another process,
-    as vLLM's scheduler reaches the pool its worker process owns. Median in ms."""
-    import multiprocessing
-    import random
-
-    from kvpool.cachenode.core.settings import ConnectorSettings
-    from kvpool.connector.backend import SafePool, rendezvous_path
-    from kvpool.connector.keys import ModelFingerprint, chunk_keys
-    from kvpool.connector.pools import RendezvousPool
-
-    engine = f"bench-{os.getpid()}"
-    path = rendezvous_path(engine)
-    spawn = multiprocessing.get_context("spawn")
-    stop = spawn.Event()
-    worker = spawn.Process(target=_own_embedded_pool, args=(engine, stop), daemon=True)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(path):
-            if not worker.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the pool-owning process did not start its embedded pool")
-            time.sleep(0.05)
-        sched = SafePool(RendezvousPool(path, 0.5))
-        fp = ModelFingerprint("bench", "", "bfloat16", "LKTHD/cpu", 32, 8, 128, CHUNK)
-        lease_ms = ConnectorSettings().lease_ms
-        rnd = random.Random(0)
-        times = []
-        for i in range(repeats):
-            ids = [rnd.randrange(50000) for _ in range(n_tokens)]
-            t0 = time.perf_counter()
-            keys = chunk_keys(fp, ids, salt=str(i))
-            sched.lease_prefix(keys, lease_ms)  # the connector's lookup (pins hits)
-            times.append(time.perf_counter() - t0)
-        sched.close()
-    finally:
-        stop.set()
-        worker.join(10)
-        if worker.is_alive():
-            worker.kill()
-    return 1000 * statistics.median(times[10:])
+    """The connector's time on vLLM's scheduler thread for a request the pool does not hold
+    (median ms; miss_overhead.py says how it is measured)."""
+    return miss_figures(n_tokens, repeats)["connector_miss_overhead_ms"]
 
 
 def prompt_ids(model: str, n_tokens: int, seed: int) -> list[int]:
@@ -169,7 +122,7 @@ def run_ttft_bench(
     if _is_cpu():
         result["cpu_reserved_cores"] = same_cpu_threads()
     progress("starting vLLM engine (cache off)…")
-    llm = build_engine(model, connector=False, max_model_len=max(lengths) + 64)
+    llm = build_engine(model, connector=False, max_model_len=max(lengths) + 64, log_stats=True)
     base_out = {}
     for n, ids in prompts.items():
         ttft(llm, ids)  # warm-up of this shape
@@ -177,7 +130,7 @@ def run_ttft_bench(
         base_out[n] = generate(llm, ids).outputs[0].token_ids
     close_engine(llm)
     progress("starting vLLM engine (kvpool connector, embedded pool)…")
-    llm = build_engine(model, connector=True, max_model_len=max(lengths) + 64)
+    llm = build_engine(model, connector=True, max_model_len=max(lengths) + 64, log_stats=True)
     identical = True
     for n, ids in prompts.items():
         ttft(llm, ids)  # stores the prompt's chunks: the pool is warm from here on
@@ -186,7 +139,31 @@ def run_ttft_bench(
         result[f"cached_tokens_{n}"] = samples[-1][1].num_cached_tokens
         result[f"ratio_ttft_{n}"] = result[f"baseline_ttft_ms_{n}"] / result[f"ttft_ms_{n}"]
         identical &= list(generate(llm, ids).outputs[0].token_ids) == list(base_out[n])
+    result.update(engine_lookup_figures())
     close_engine(llm)
     result["outputs_identical"] = identical
-    result["connector_miss_overhead_ms"] = miss_overhead_ms()
+    result.update(miss_figures())
     return result
+
+
+def engine_lookup_figures() -> dict[str, float]:
+    """The connector engine's lookups over the whole run (its warm-up and first requests, which
+    miss, included), from the ``kvpool_connector_*`` series vLLM's stats path fed into this
+    process's Prometheus registry: how often a request was told "not known yet" and waited a
+    step, and how long the scheduler waited for lookups."""
+    from prometheus_client import REGISTRY
+
+    totals: dict[str, float] = {}
+    for family in REGISTRY.collect():
+        if family.name.startswith("kvpool_connector_"):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    waits = totals.get("kvpool_connector_lookup_wait_seconds_count", 0.0)
+    return {
+        "engine_requests": totals.get("kvpool_connector_requests_total", 0.0),
+        "engine_lookups": totals.get("kvpool_connector_lookups_total", 0.0),
+        "engine_lookup_skipped_steps": totals.get("kvpool_connector_lookup_skipped_steps_total", 0.0),
+        "engine_lookup_wait_ms_mean": (
+            1000 * totals.get("kvpool_connector_lookup_wait_seconds_sum", 0.0) / waits if waits else 0.0
+        ),
+    }

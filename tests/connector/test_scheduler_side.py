@@ -7,10 +7,15 @@ aggregated output), and what it sends the workers (metadata.py) is checked field
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from kvpool.cachenode.core.settings import load_settings
+from kvpool.connector import lookup_wait, metrics
+from kvpool.connector import scheduler as scheduler_module
 from kvpool.connector.backend import SafePool
 from kvpool.connector.keys import ModelFingerprint, chunk_keys
 from kvpool.connector.metadata import KVPoolMetadata, KVPoolWorkerMeta, WorkerReport
@@ -89,12 +94,20 @@ class BlockTable:
         return (self.blocks[req_id],)
 
 
-def scheduler(pool: FakePool, **extra) -> tuple[ConnectorScheduler, BlockTable]:
+def scheduler(pool: FakePool, safe: SafePool | None = None, **extra) -> tuple[ConnectorScheduler, BlockTable]:
     side = ConnectorScheduler(
-        load_settings({"chunk_size": C, "lookup_wait_ms": 1000, **extra}), SafePool(pool),
+        load_settings({"chunk_size": C, "lookup_wait_ms": 1000, **extra}), safe or SafePool(pool),
         tp=2, pp=1, block_size=BS, fingerprint=fingerprint,
     )  # fmt: skip
     side.set_worker_reports({(0, 0): report(0), (0, 1): report(1)})
+    gate = getattr(pool, "gate", None)
+    if gate is not None:
+        gate.set()
+    side.warming.result(5)  # the connection is opened once the scheduler side turns on
+    if gate is not None:
+        gate.clear()
+    assert pool.lookups == ([] if pool.fail else [1])
+    pool.lookups.clear()
     table = BlockTable()
     side.bind_kv_cache_manager(table)
     return side, table
@@ -245,3 +258,146 @@ def test_a_lookup_that_will_not_be_loaded_releases_its_lease():
     side, _ = scheduler(pool)
     assert matched(side, r, computed=3 * C) == (0, False)  # vLLM's own prefix cache had it all
     assert pool.released == [(101, None)]
+
+
+# -- how long the scheduler waits for a lookup (lookup_wait.py) -----------------------------------
+
+
+class GatedPool(FakePool):
+    """A pool whose lookups answer only once ``gate`` is set: a slow or stalled pool."""
+
+    def __init__(self, keys: set[bytes] = frozenset()) -> None:
+        super().__init__(keys)
+        self.gate = threading.Event()
+
+    def _prefix(self, keys) -> int:
+        self.gate.wait(30)
+        return super()._prefix(keys)
+
+
+def skips() -> int:
+    return metrics.STATS.totals["lookup_skipped_steps"]
+
+
+def timed(side: ConnectorScheduler, r, computed: int = 0) -> tuple[tuple[int | None, bool], float]:
+    t0 = time.perf_counter()
+    answer = side.get_num_new_matched_tokens(r, computed)
+    return answer, time.perf_counter() - t0
+
+
+def test_a_fast_pool_answers_within_the_call(monkeypatch):
+    """A healthy pool's lookup is waited for: vLLM never hears "not known yet", no request waits a
+    step, hit or miss. (The floor is raised so that a loaded test machine's thread wake-ups cannot
+    fail the test; what is checked is that the answer is taken within the call.)"""
+    monkeypatch.setattr(lookup_wait, "FLOOR_S", 0.2)
+    hit = request("fast-hit", 330, seed=20)
+    pool = FakePool(pool_keys(hit, 3))
+    side, _ = scheduler(pool, lookup_wait_ms=200)
+    before = skips()
+    answers = [side.get_num_new_matched_tokens(request(f"fast{i}", 330, seed=21 + i), 0) for i in range(40)]
+    assert answers == [(0, False)] * 40
+    assert side.get_num_new_matched_tokens(hit, 0) == (3 * C, False)
+    assert skips() == before and len(pool.lookups) == 41
+
+
+def test_a_slow_pool_skips_the_request_a_step_and_counts_it():
+    """A lookup that outlasts the wait: vLLM is told "not known yet" (None) and the skip is counted;
+    while that lookup is unanswered the pool is stalled, so neither it nor a new request is waited
+    for again; once the pool answers, the answer is taken."""
+    hit = request("slow-hit", 330, seed=30)
+    pool = GatedPool(pool_keys(hit, 3))
+    side, _ = scheduler(pool, lookup_wait_ms=100)
+    before = skips()
+    (answer, first) = timed(side, hit)
+    assert answer == (None, False) and first >= 0.09  # waited up to the cap (nothing known yet)
+    (again, second) = timed(side, hit)
+    (other, third) = timed(side, request("slow-other", 330, seed=31))
+    assert again == other == (None, False)
+    assert second < 0.05 and third < 0.05  # a stalled pool is not waited for again
+    assert skips() - before == 3
+    pool.gate.set()
+    assert matched(side, hit) == (3 * C, False)
+
+
+def test_a_pool_whose_breaker_is_open_is_not_waited_for():
+    """Failed lookups open the pool's breaker: then a new request's answer is a miss at once (the
+    pool is skipped and would answer a miss anyway), not a wait and not a skipped step."""
+    down = FakePool(fail=True)
+    side, _ = scheduler(down, safe=SafePool(down, breaker_failures=1, breaker_s=60), lookup_wait_ms=300)
+    # the scheduler's warm-up lookup failed: the breaker is open
+    assert side._pool.skipping() and matched(side, request("opens", 330, seed=40)) == (0, False)
+    busy = threading.Event()  # both lookup threads busy: a lookup sent now answers late
+    held = [side._lookups().submit(busy.wait, 30) for _ in range(2)]
+    before = skips()
+    try:
+        for i in range(5):
+            answer, took = timed(side, request(f"while-open{i}", 330, seed=41 + i))
+            assert answer == (0, False) and took < 0.15
+    finally:
+        busy.set()
+    assert skips() == before and down.lookups == [] and all(h.result(5) for h in held)
+
+
+def test_an_answer_that_loads_nothing_is_remembered_then_asked_again_in_the_background(monkeypatch):
+    """vLLM asks about a waiting request every step until it can be scheduled: a miss is not looked
+    up again every step. After ``MISS_RECHECK_S`` it is asked again, the old answer standing
+    (no skipped step) until the new one arrives: another engine may have stored the prefix."""
+    monkeypatch.setattr(scheduler_module, "MISS_RECHECK_S", 0.2)
+    r = request("remembered", 330, seed=50)
+    pool = FakePool()
+    side, _ = scheduler(pool)
+    before = skips()
+    assert matched(side, r) == (0, False)
+    for _ in range(20):  # vLLM could not schedule it: asked again every step
+        assert side.get_num_new_matched_tokens(r, 0) == (0, False)
+    assert len(pool.lookups) == 1
+    pool.keys |= pool_keys(r, 2)  # another engine stores two chunks meanwhile
+    time.sleep(0.25)
+    answers = [side.get_num_new_matched_tokens(r, 0)]
+    while answers[-1] == (0, False) and len(answers) < 2000:  # the old answer stands meanwhile
+        time.sleep(0.001)
+        answers.append(side.get_num_new_matched_tokens(r, 0))
+    assert answers[-1] == (2 * C, False)
+    assert len(pool.lookups) == 2 and skips() == before
+
+
+def test_a_remembered_answer_without_pins_is_not_loaded_from():
+    """The pool held three chunks but vLLM had them itself, so the lease was released. Should vLLM
+    lose its own copy (computed 0), the answer is not reused: it pinned nothing any more, so the
+    pool is asked again and its new lease covers the load."""
+    r = request("unpinned", 330, seed=51)
+    pool = FakePool(pool_keys(r, 3))
+    side, _ = scheduler(pool)
+    assert matched(side, r, computed=3 * C) == (0, False)
+    assert pool.released == [(101, None)] and len(pool.lookups) == 1
+    assert matched(side, r, computed=3 * C) == (0, False)
+    assert len(pool.lookups) == 1  # loads nothing: remembered
+    assert matched(side, r, computed=0) == (3 * C, False)
+    assert len(pool.lookups) == 2 and side._state(r).lease[0] == 102
+
+
+@pytest.mark.parametrize("load", [True, False])
+def test_a_pool_that_never_answers_costs_at_most_the_cap_once(load):
+    """A stalled pool and a burst of new requests: the scheduler waits at most once, for the first."""
+    pool = GatedPool()
+    side, _ = scheduler(pool, lookup_wait_ms=50, load=load)
+    took = [timed(side, request(f"burst{i}", 330, seed=60 + i))[1] for i in range(10)]
+    assert sum(took) < 0.05 + 0.2
+    pool.gate.set()
+
+
+def test_skipped_steps_and_lookups_reach_vllms_stats():
+    """The counters travel vLLM's connector-stats path (what `vllm serve`'s /metrics and its
+    "KV Transfer metrics" log line show)."""
+    from kvpool.connector.vllm_metrics import KVPoolConnectorStats
+
+    pool = GatedPool()
+    side, _ = scheduler(pool, lookup_wait_ms=10)
+    metrics.STATS.take()  # start a fresh interval
+    r = request("stats", 330, seed=70)
+    assert side.get_num_new_matched_tokens(r, 0) == (None, False)
+    pool.gate.set()
+    assert matched(side, r) == (0, False)
+    out = KVPoolConnectorStats(data=metrics.STATS.take()).reduce()
+    assert out["lookup_skipped_steps"] >= 1 and out["lookups"] == 1 and out["requests"] == 1
+    assert out["avg_lookup_wait_ms"] > 0  # the scheduler waited (10 ms) for the first answer

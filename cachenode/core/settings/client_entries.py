@@ -95,8 +95,9 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "lookup_wait_ms",
-        0.3,
-        "The scheduler waits at most this long for a lookup, then asks again (0..1000 ms).",
+        5.0,
+        "The most the scheduler waits for a lookup inside vLLM's call (less when the pool's recent "
+        "lookups were faster; 0 = never), else the request waits a step (0..1000 ms).",
         float,
         kind="number",
         **_CONNECTOR,

@@ -33,7 +33,7 @@ class ConnectorSettings:
         "layerwise"
     )  # synchronous loads: scatter layer i just before layer i's attention
     load_async: str = default("load_async")  # "auto" (remote pools: yes; embedded pool: no), "true", "false"
-    lookup_wait_ms: float = default("lookup_wait_ms")  # the scheduler waits at most this long for a lookup
+    lookup_wait_ms: float = default("lookup_wait_ms")  # the most the scheduler waits for a lookup
     save_buffer: int = default(
         "save_buffer"
     )  # host bytes (pinned on GPUs) for chunks copied out, not yet written
