@@ -105,19 +105,23 @@ def send_buffers(sock, buffers) -> None:
                 sent = 0
 
 
-def encode_hello(token: bytes) -> bytes:
+def encode_hello(token: bytes, magic: bytes = MAGIC, version: int = VERSION) -> bytes:
+    """A hello: this channel's magic and version, then the session token (the lookup service's
+    query channel shares the handshake under its own magic)."""
     if len(token) > MAX_TOKEN_LEN:
         raise FrameError("token too long")
-    return HELLO_STRUCT.pack(MAGIC, VERSION, len(token)) + token
+    return HELLO_STRUCT.pack(magic, version, len(token)) + token
 
 
-def parse_hello(header: bytes) -> int:
-    """Return the token length that follows a hello header."""
-    magic, version, token_len = HELLO_STRUCT.unpack(header)
-    if magic != MAGIC:
-        raise FrameError(f"not a kvpool data channel (magic {magic!r})")
-    if version != VERSION:
-        raise FrameError(f"unsupported data channel version {version}")
+def parse_hello(
+    header: bytes, magic: bytes = MAGIC, version: int = VERSION, channel: str = "data channel"
+) -> int:
+    """Return the token length that follows a hello header of `channel` (magic and version)."""
+    got_magic, got_version, token_len = HELLO_STRUCT.unpack(header)
+    if got_magic != magic:
+        raise FrameError(f"not a kvpool {channel} (magic {got_magic!r})")
+    if got_version != version:
+        raise FrameError(f"unsupported {channel} version {got_version}")
     if token_len > MAX_TOKEN_LEN:
         raise FrameError(f"token length {token_len} over {MAX_TOKEN_LEN}")
     return token_len

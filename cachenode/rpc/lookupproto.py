@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from kvpool.cachenode.core.holders import HolderInfo
 from kvpool.cachenode.core.located import HolderMatch, Located, Score
 from kvpool.cachenode.core.record import MAX_KEY_SIZE
+from kvpool.cachenode.rpc import dataproto
 from kvpool.cachenode.rpc.dataproto import (
     HELLO_STRUCT,
-    MAX_TOKEN_LEN,
     MSG_LEN,
     STATUS_INTERNAL,
     STATUS_INVALID,
@@ -84,21 +84,12 @@ class Request:
 
 # -- handshake (the data channel's structs, the lookup's magic) ---------------------------------
 def encode_hello(token: bytes) -> bytes:
-    if len(token) > MAX_TOKEN_LEN:
-        raise FrameError("token too long")
-    return HELLO_STRUCT.pack(MAGIC, VERSION, len(token)) + token
+    return dataproto.encode_hello(token, MAGIC, VERSION)
 
 
 def parse_hello(header: bytes) -> int:
     """The token length that follows a hello header."""
-    magic, version, token_len = HELLO_STRUCT.unpack(header)
-    if magic != MAGIC:
-        raise FrameError(f"not a kvpool lookup query channel (magic {magic!r})")
-    if version != VERSION:
-        raise FrameError(f"unsupported lookup query channel version {version}")
-    if token_len > MAX_TOKEN_LEN:
-        raise FrameError(f"token length {token_len} over {MAX_TOKEN_LEN}")
-    return token_len
+    return dataproto.parse_hello(header, MAGIC, VERSION, "lookup query channel")
 
 
 # -- requests ------------------------------------------------------------------------------------

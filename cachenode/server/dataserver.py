@@ -15,7 +15,6 @@ import hmac
 import logging
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from kvpool.cachenode.core.errors import InvalidRequest
 from kvpool.cachenode.core.validation import check_value_size
 from kvpool.cachenode.rpc import dataproto as dp
 from kvpool.cachenode.server import control
+from kvpool.cachenode.server.listener import ConnectionListener
 
 if TYPE_CHECKING:
     from kvpool.cachenode.rpc.tls import ServerTLS
@@ -79,7 +79,7 @@ def _read_into(conn: socket.socket, rfile, view: memoryview) -> None:
     raise _ClientGone
 
 
-class DataServer:
+class DataServer(ConnectionListener):
     """Accepts data-channel connections for one store."""
 
     def __init__(
@@ -104,47 +104,11 @@ class DataServer:
         self._max_value_size = max_value_size
         self._max_batch_keys = max_batch_keys
         self._max_request_bytes = max_request_bytes
-        self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
-        self.port: int = self._listener.getsockname()[1]
-        self._stopping = threading.Event()
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name="kvpool-data-accept", daemon=True)
+        super().__init__(host, port, name="kvpool-data", max_connections=MAX_CONNECTIONS)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        with self._lock:
-            conns = list(self._connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=5)
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.01)
-                continue
-            with self._lock:
-                if len(self._connections) >= MAX_CONNECTIONS:
-                    conn.sendall(dp.encode_status(dp.STATUS_BUSY, 0, "too many data connections"))
-                    conn.close()
-                    metrics.ERRORS.labels("data_busy").inc()
-                    continue
-                self._connections.add(conn)
-            threading.Thread(
-                target=self._serve, args=(conn, peer), name="kvpool-data-conn", daemon=True
-            ).start()
+    def _refuse(self, conn: socket.socket) -> None:
+        conn.sendall(dp.encode_status(dp.STATUS_BUSY, 0, "too many data connections"))
+        metrics.ERRORS.labels("data_busy").inc()
 
     def _serve(self, raw: socket.socket, peer) -> None:
         tune_socket(raw)
@@ -156,8 +120,7 @@ class DataServer:
             except (OSError, ssl.SSLError) as exc:
                 metrics.ERRORS.labels("data_tls").inc()
                 log.warning("data channel: TLS handshake with %s failed: %s", peer[0], exc)
-                with self._lock:
-                    self._connections.discard(raw)
+                self._forget(raw)
                 raw.close()
                 return
         rfile = conn.makefile("rb", buffering=READ_BUFFER)
@@ -194,8 +157,7 @@ class DataServer:
             log.exception("data channel: internal error serving %s", peer[0])
             self._reply_error(conn, dp.STATUS_INTERNAL, "internal error")
         finally:
-            with self._lock:
-                self._connections.discard(raw)
+            self._forget(raw)
             rfile.close()
             conn.close()
 

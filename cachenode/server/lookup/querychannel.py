@@ -17,7 +17,6 @@ import hmac
 import logging
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from kvpool.cachenode.core.errors import InvalidRequest
 from kvpool.cachenode.core.fingerprint import fingerprints
 from kvpool.cachenode.core.holders import HolderInfo
 from kvpool.cachenode.rpc import lookupproto as lp
+from kvpool.cachenode.server.listener import ConnectionListener
 from kvpool.cachenode.server.lookup import metrics
 from kvpool.cachenode.server.lookup.index import LookupIndex, scores
 
@@ -46,7 +46,7 @@ class _Gone(Exception):
     """The peer closed the connection (possibly mid-frame) or stalled."""
 
 
-class QueryChannel:
+class QueryChannel(ConnectionListener):
     """Accepts query-channel connections for one index; `check_scores(tokens_per_key, kind)`
     raises InvalidRequest for a Scores request the gRPC side would refuse."""
 
@@ -67,53 +67,11 @@ class QueryChannel:
         self._check_scores = check_scores
         self._tls = tls
         self._infos: dict[HolderInfo, bytes] = {}
-        self._listener = socket.create_server((host, port), backlog=128)
-        self.port: int = self._listener.getsockname()[1]
-        self._stopping = threading.Event()
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name="kvpool-lookup-accept", daemon=True)
+        super().__init__(host, port, name="kvpool-lookup-query", max_connections=MAX_CONNECTIONS)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        with self._lock:
-            conns = list(self._connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        if self._thread.ident is not None:
-            self._thread.join(timeout=5)
-
-    @property
-    def connections(self) -> int:
-        return len(self._connections)
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.01)
-                continue
-            with self._lock:
-                if len(self._connections) >= MAX_CONNECTIONS:
-                    with contextlib.suppress(OSError):
-                        conn.sendall(lp.encode_status(lp.STATUS_INTERNAL, 0, "too many query connections"))
-                    conn.close()
-                    metrics.ERRORS.labels("query_busy").inc()
-                    continue
-                self._connections.add(conn)
-            threading.Thread(
-                target=self._serve, args=(conn, peer), name="kvpool-lookup-query", daemon=True
-            ).start()
+    def _refuse(self, conn: socket.socket) -> None:
+        conn.sendall(lp.encode_status(lp.STATUS_INTERNAL, 0, "too many query connections"))
+        metrics.ERRORS.labels("query_busy").inc()
 
     # -- one connection --------------------------------------------------------------------
     def _serve(self, raw: socket.socket, peer) -> None:
@@ -148,8 +106,7 @@ class QueryChannel:
             log.exception("query channel: internal error serving %s", peer[0])
             self._reply(conn, lp.encode_error(lp.STATUS_INTERNAL, "internal error"))
         finally:
-            with self._lock:
-                self._connections.discard(raw)
+            self._forget(raw)
             with contextlib.suppress(OSError):
                 conn.close()
 
