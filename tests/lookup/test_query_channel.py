@@ -54,10 +54,14 @@ def raw_connection(lookup, token: bytes | None = None) -> socket.socket:
 
 
 def read_all(sock: socket.socket) -> bytes:
-    """Everything the service sends until it closes the connection."""
+    """Everything the service sends until it closes the connection (a reset, when it closed with
+    our bytes unread, ends it too)."""
     out = b""
-    while chunk := sock.recv(65536):
-        out += chunk
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
     return out
 
 

@@ -45,7 +45,10 @@ def _data_socket(node) -> socket.socket:
 def _read_error(sock: socket.socket) -> tuple[int, str]:
     data = b""
     while True:
-        chunk = sock.recv(4096)
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:  # closed with our bytes unread: a reset ends it too
+            break
         if not chunk:
             break
         data += chunk
