@@ -1,6 +1,8 @@
-"""`kvpool bench ttft`: TTFT with a warm pool vs the cache off, same engine settings and prompts;
-where a CUDA GPU is present, also DESIGN.md §8's GPU figure for an 8B-shaped model in plain
-PyTorch (ttft_gpu.py)."""
+"""`kvpool bench ttft`: TTFT with a warm pool vs the cache off, same vLLM engine settings and
+prompts, on whatever device the installed vLLM runs (the CPU here; a GPU where vLLM's CUDA build
+is installed, with `--model` a real model: that is DESIGN.md §8's GPU figure against vLLM's own
+prefill). `--gpu` adds a vLLM-free figure of the load path on a CUDA GPU (ttft_gpu.py: an
+8B-shaped model in plain PyTorch), for GPU machines without vLLM."""
 
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ def _quiet_vllm() -> None:
     type=click.Choice(["auto", "on", "off", "only"]),
     default="auto",
     show_default=True,
-    help="The GPU figure (8B-shaped model, plain PyTorch: prefill vs load + one decode step): auto "
-    "runs it where torch sees a CUDA GPU; on requires one; only skips the vLLM engines.",
+    help="The vLLM-free GPU load-path figure (8B-shaped model in plain PyTorch: its eager prefill vs "
+    "load + the rest of the prompt): auto runs it where torch sees a CUDA GPU; on requires one; only "
+    "skips the vLLM engines. The TTFT against vLLM's own prefill is the engines' figure.",
 )
 @option("--gpu-lengths", default="4096,32768", show_default=True, help="Prompt lengths of the GPU figure.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -39,7 +42,9 @@ def ttft(model: str | None, lengths: str, repeats: int, gpu: str, gpu_lengths: s
     had not answered within the call (0 for a healthy pool).
 
     On a CPU with the tiny model the figures are indicative only: prefill of a 2-layer model is
-    cheap, so the ratio understates what a real model on a GPU gains.
+    cheap, so the ratio understates what a real model on a GPU gains. Where vLLM runs on a GPU,
+    `--model DIR --lengths 4096,32768` gives the GPU figure against vLLM's own prefill (CUDA
+    graphs on; the embedded pool sized to hold every prompt).
     """
     out: dict = {}
     gpu_ns = _lengths(gpu_lengths, "--gpu-lengths")
@@ -82,7 +87,10 @@ def ttft(model: str | None, lengths: str, repeats: int, gpu: str, gpu_lengths: s
         f"engine with the connector: {out['engine_lookup_skipped_steps']:.0f} skipped steps, "
         f"{out['engine_lookups']:.0f} lookups for {out['engine_requests']:.0f} requests"
     )
-    click.echo(f"outputs identical: {'yes' if out['outputs_identical'] else 'NO'}")
+    click.echo(
+        f"outputs identical: {'yes' if out['outputs_identical'] else 'NO'} (vLLM on {out['vllm_device']}, "
+        f"embedded pool {out['pool_memory_bytes'] / 2**30:.2f} GiB)"
+    )
 
 
 def _lengths(text: str, flag: str) -> list[int]:
