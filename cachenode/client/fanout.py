@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from kvpool.cachenode.client.routing import Member, Routing
+from kvpool.cachenode.core import metrics
 from kvpool.cachenode.core.errors import KVPoolError, NixlRequired, Unavailable
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class FanOut:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self.handoff_copies = 0  # values found at an earlier owner and copied to the new one
+        self.fallback_hits = 0  # keys found away from their current owners after those missed
 
     def close(self) -> None:
         if self._executor is not None:
@@ -107,8 +109,9 @@ class FanOut:
         indices: Iterable[int],
         known: Mapping[int, bool],
         asked: Mapping[int, str],
-    ) -> dict[int, bool]:
-        """Ask every other place each key may be (one Contains per node, in parallel)."""
+    ) -> dict[int, str]:
+        """Ask every other place each key may be (one Contains per node, in parallel); the node
+        holding each key found."""
         groups: dict[str, list[int]] = defaultdict(list)
         wanted = [i for i in indices if not known.get(i)]
         for i, candidates in zip(wanted, routing.candidates([keys[i] for i in wanted]), strict=True):
@@ -121,11 +124,21 @@ class FanOut:
             lambda m, idx: m.conn.contains([keys[i] for i in idx]),
             lambda m, idx: m.conn.begin("contains", [keys[i] for i in idx]),
         )
-        present: dict[int, bool] = {}
+        present: dict[int, str] = {}
         for node, idx in groups.items():
             for i, flag in zip(idx, flags.get(node, ()), strict=False):
-                present[i] = present.get(i, False) or flag
+                if flag and i not in present:
+                    present[i] = node
         return present
+
+    def count_fallbacks(self, routing: Routing, found_at: Mapping[bytes, str], op: str) -> None:
+        """Count the keys of `found_at` (key -> node it was found at) that were not at a
+        current owner: the reads a join would have turned into misses."""
+        for key, node in found_at.items():
+            via = routing.fallback_kind(key, node)
+            if via is not None:
+                self.fallback_hits += 1
+                metrics.CLIENT_FALLBACK_HITS.labels(op, via).inc()
 
     def copy_to_new_owners(
         self, routing: Routing, values: Mapping[bytes, bytes], missed: Mapping[bytes, list[str]]

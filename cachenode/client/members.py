@@ -107,3 +107,13 @@ def _newer(candidate: MemberInfo, have: MemberInfo) -> bool:
     if candidate.incarnation != have.incarnation:
         return candidate.incarnation > have.incarnation
     return have.state == DOWN and candidate.state != DOWN
+
+
+def unsettled(reports: Iterable[Report]) -> frozenset[str]:
+    """Members that some answering node does not count as ready (a node on its own, without
+    `--peers`, counts only itself): a client that knew fewer nodes may have placed a key on the
+    next node in rendezvous order instead, so reads of such keys ask there too (routing.py)."""
+    reports = list(reports)
+    views = [{r.node.node_id} | {p.node_id for p in r.peers if p.state in PLACED_STATES} for r in reports]
+    named = set().union(*views) if views else set()
+    return frozenset(n for n in named if any(n not in view for view in views))

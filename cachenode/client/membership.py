@@ -4,7 +4,9 @@ The members are learnt from any node the client was given (its seeds) and merged
 answer (members.py). Members that fail are marked down by a circuit breaker (core/breaker.py):
 their keys go to the next node in rendezvous order at once, and the thread probes them
 (half-open) until they answer again; the list itself is refreshed every few seconds and after
-errors. Nodes also report the view before their last change, remembered for the handoff window.
+errors. Nodes also report the view before their last change, remembered for the handoff window,
+and the members they count as ready: a member some node does not count yet is "unsettled", and
+reads of keys it ranks high for also ask the next nodes in rendezvous order (routing.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Membership:
         replicas_wanted: int,
         refresh_interval: float,
         handoff_window: float,
+        fallback_nodes: int = 0,
     ) -> None:
         self.url = url
         self.seeds = seeds
@@ -60,6 +63,8 @@ class Membership:
         self._pool_replicas = 1
         self._refresh_interval = refresh_interval
         self._views = Views(handoff_window)
+        self._fallback_nodes = fallback_nodes
+        self._unsettled: frozenset[str] = frozenset()
         self._lock = threading.Lock()  # guards _members, _conns
         self._bootstrap_lock = threading.Lock()
         self._members: dict[str, Member] = {}
@@ -105,7 +110,23 @@ class Membership:
             states = ", ".join(f"{n} {m.summary()['state']}" for n, m in sorted(members.items()))
             raise Unavailable(f"no member of {self.url} is reachable ({states})")
         current = self._views.observe(placed)
-        return Routing(members, current, readable, self._views.previous(), self.replication_factor)
+        return Routing(
+            members,
+            current,
+            readable,
+            self._views.previous(),
+            self.replication_factor,
+            self._unsettled,
+            self._fallback_nodes,
+        )
+
+    def set_seeds(self, url: str, seeds: list[tuple[str, int]]) -> None:
+        """Learn the members from other nodes from now on (a node was added to the list); the
+        view before stays an earlier view for the handoff window."""
+        with self._lock:
+            self.url, self.seeds = url, seeds
+        if self._members:
+            self._refresh(raise_errors=True)
 
     def failed(self, member: Member, exc: Exception) -> None:
         """A call to `member` was Unavailable: mark it down (or leaving) and refresh soon."""
@@ -221,6 +242,7 @@ class Membership:
         for report in reports:
             if report.previous:
                 self._views.remember(report.previous, report.changed_s_ago)
+        self._unsettled = ms.unsettled(reports)
         now = time.monotonic()
         with self._lock:
             members: dict[str, Member] = {}

@@ -9,19 +9,22 @@ answer, is membership.py's job.
 
 Handoff: the client remembers the views (sets of members) of the last few minutes, and nodes
 report the view before their last change. A read whose owner misses asks the owners under those
-earlier views before it reports a miss, and copies what it finds to the new owner, so adding a
-node turns no stored key into a miss.
+earlier views — and, while some member is not in every node's view (nodes without `--peers`),
+the next nodes in rendezvous order — before it reports a miss (reads.py), and copies what it finds
+to the new owner, so adding a node turns no stored key into a miss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 from kvpool.cachenode.client import members as ms
+from kvpool.cachenode.client import reads
 from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer
 from kvpool.cachenode.client.connection import (
     DATA_CONNECTIONS,
@@ -35,7 +38,8 @@ from kvpool.cachenode.client.membership import Membership, wanted_replicas
 from kvpool.cachenode.client.pool_stats import pool_totals
 from kvpool.cachenode.client.releases import DeferredReleases
 from kvpool.cachenode.client.routing import Member
-from kvpool.cachenode.core.errors import KVPoolError, Unavailable
+from kvpool.cachenode.core.errors import InvalidRequest, KVPoolError, Unavailable
+from kvpool.cachenode.core.settings import SETTINGS
 from kvpool.cachenode.core.urls import parse_url, parse_urls
 from kvpool.cachenode.core.validation import check_key
 from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
@@ -68,12 +72,15 @@ class Client:
         handoff_window: float = DEFAULT_HANDOFF_WINDOW_S,
         transport: str = "auto",
         receive_buffer_bytes: int = DEFAULT_RECEIVE_BUFFER_BYTES,
+        miss_fallback_nodes: int | None = None,
     ) -> None:
         """`transport`: "auto" moves bulk bytes to each node over NIXL where that is the fast path
         (same host, RDMA), set up in the background as the client connects and falling back to
         the TCP data channel per request on any NIXL failure; "nixl" requires NIXL; "grpc" never
         uses it. `receive_buffer_bytes` sizes the pool of receive buffers (`buffers`) that
-        `get_many_into` and NIXL READs fill, shared by every node."""
+        `get_many_into` and NIXL READs fill, shared by every node. `miss_fallback_nodes`: how
+        many next nodes in rendezvous order a read also asks while the members' views disagree
+        (default: env KVPOOL_MISS_FALLBACK_NODES, else 2; 0: never)."""
         self.url = url
         self._seeds, tls = parse_urls(url)
         self._options = ConnectOptions.build(
@@ -97,6 +104,7 @@ class Client:
             replicas_wanted=wanted_replicas(replication_factor),
             refresh_interval=refresh_interval,
             handoff_window=handoff_window,
+            fallback_nodes=_fallback_nodes(miss_fallback_nodes),
         )
         self._fanout = FanOut(self._membership.failed)
         if transport == "nixl":  # set up now: a pool that cannot do it is an error here, not later
@@ -142,6 +150,20 @@ class Client:
     def handoff_copies(self) -> int:
         """Values found at an earlier owner and copied to the new one."""
         return self._fanout.handoff_copies
+
+    @property
+    def fallback_hits(self) -> int:
+        """Keys found away from their current owners after those missed (a node joined)."""
+        return self._fanout.fallback_hits
+
+    def update_url(self, url: str) -> None:
+        """Learn the members from `url` from now on (say, the list with a node added); keys
+        keep being found at their owners under the list before, for the handoff window."""
+        seeds, tls = parse_urls(url)
+        if tls != self._options.tls:
+            raise InvalidRequest(f"{url} and {self.url} differ in TLS; use a new Client")
+        self.url = url
+        self._membership.set_seeds(url, seeds)
 
     # -- public API ----------------------------------------------------------------------
     def put(self, key: bytes, value: Value) -> None:
@@ -215,68 +237,11 @@ class Client:
             raise
 
     def _get_found(self, keys: list[bytes], into: bool, found: dict) -> dict:
-        routing = self._membership.routing(require_writable=False)
-        tried: dict[bytes, set[str]] = defaultdict(set)
-        missed: dict[bytes, list[str]] = defaultdict(list)  # nodes that answered "not here"
-        candidates = dict(zip(keys, routing.candidates(keys), strict=True))
-        todo = keys
-        for _ in range(2 + 2 * len(routing.members)):
-            groups: dict[str, list[bytes]] = defaultdict(list)
-            for key in todo:
-                node = next((n for n in candidates[key] if n not in tried[key]), None)
-                if node is not None:
-                    groups[node].append(key)
-            if not groups:
-                break
-            results, failed = self._fanout.run(
-                routing, groups, lambda m, ks: m.conn.get_many_into(ks) if into else m.conn.get_many(ks)
-            )
-            for node, ks in groups.items():
-                got = results.get(node)
-                for key in ks:
-                    tried[key].add(node)
-                    if got is None:
-                        continue
-                    value = got.get(key)
-                    if value is None:
-                        missed[key].append(node)
-                    else:
-                        found[key] = value
-            todo = [k for k in todo if k not in found]
-            if failed and todo:
-                routing = self._membership.routing(require_writable=False)
-                candidates.update(zip(todo, routing.candidates(todo), strict=True))
-        copies = {k: (found[k].view if into else found[k]) for k in missed if k in found}
-        self._fanout.copy_to_new_owners(routing, copies, missed)
-        return {k: found[k] for k in keys if k in found}
+        return reads.get_found(self._membership, self._fanout, keys, into, found)
 
     def get_into(self, key: bytes, buffer) -> int | None:
         """Receive a value straight into `buffer` (writable, large enough); its size, or None."""
-        key = check_key(key)
-        routing = self._membership.routing(require_writable=False)
-        tried: set[str] = set()
-        missed: list[str] = []
-        for _ in range(2 + 2 * len(routing.members)):
-            node = next((n for n in routing.candidates([key])[0] if n not in tried), None)
-            if node is None:
-                return None
-            tried.add(node)
-            member = routing.members[node]
-            try:
-                size = member.conn.get_into(key, buffer)
-            except Unavailable as exc:
-                self._membership.failed(member, exc)
-                routing = self._membership.routing(require_writable=False)
-                continue
-            member.breaker.record_success()
-            if size is None:
-                missed.append(node)
-                continue
-            if missed:
-                value = bytes(memoryview(buffer).cast("B")[:size])
-                self._fanout.copy_to_new_owners(routing, {key: value}, {key: missed})
-            return size
-        return None
+        return reads.get_into(self._membership, self._fanout, check_key(key), buffer)
 
     def prefix_hits(self, keys: Sequence[bytes]) -> int:
         """How many leading keys are stored anywhere in the pool."""
@@ -341,6 +306,8 @@ class Client:
         hits = first_miss
         while hits < n and (known.get(hits) or present.get(hits)):
             hits += 1
+        elsewhere = {keys[i]: present[i] for i in range(first_miss, hits) if i in present}
+        self._fanout.count_fallbacks(routing, elsewhere, "lookup")
         return hits
 
     def lease_prefix(
@@ -424,6 +391,7 @@ class Client:
             routing = self._membership.routing(require_writable=False)
         rest = [i for i in range(len(keys)) if not known.get(i)]
         present = self._fanout.present_elsewhere(routing, keys, rest, known, asked) if rest else {}
+        self._fanout.count_fallbacks(routing, {keys[i]: node for i, node in present.items()}, "lookup")
         return [bool(known.get(i) or present.get(i)) for i in range(len(keys))]
 
     def delete(self, keys: Sequence[bytes]) -> int:
@@ -495,3 +463,12 @@ class Client:
 
     def _ensure_members(self) -> dict[str, Member]:
         return self._membership.ensure()
+
+
+def _fallback_nodes(value: int | None) -> int:
+    """The argument, else env KVPOOL_MISS_FALLBACK_NODES, else the registry's default."""
+    setting = SETTINGS["miss_fallback_nodes"]
+    try:
+        return setting.value(value if value is not None else os.environ.get(setting.env, setting.default))
+    except ValueError as exc:
+        raise InvalidRequest(f"{setting.env}: {exc}") from None

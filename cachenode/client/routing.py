@@ -3,7 +3,10 @@ members) of the last few minutes, and one request's picture of both.
 
 Pure routing over `Placement` (rendezvous hashing): no calls are made here. A key's owners are
 the best `replicas` members that take new keys; its candidates add the owners it had under the
-earlier views still inside the handoff window, which is where a read asks before it misses.
+earlier views still inside the handoff window, which is where a read asks before it misses. While
+some member is not in every answering node's view (`unsettled`: nodes without `--peers`, or a
+node the others have not seen yet), a writer that knew fewer nodes may have put a key on the next
+node in rendezvous order, so the candidates also add up to `fallback_nodes` of those next nodes.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class Routing:
     readable: frozenset[str]  # members that may be read from (ready or leaving, breaker closed)
     previous: tuple[Placement, ...]
     replicas: int
+    unsettled: frozenset[str] = frozenset()  # members not in every answering node's view
+    fallback_nodes: int = 0  # how many next nodes in rendezvous order a read may also ask
 
     def owners(self, keys: Sequence[bytes]) -> list[list[str]]:
         """Each key's owners: the `replicas` best members that take new keys."""
@@ -116,9 +121,41 @@ class Routing:
 
     def candidates(self, keys: Sequence[bytes]) -> list[list[str]]:
         """Where each key may be, in the order to ask: its owners, then its owners in earlier
-        views (those still readable)."""
-        out = self.owners(keys)
+        views (those still readable), then the next nodes in rendezvous order (`next_nodes`)."""
+        ranked = self._ranked(keys)
+        out = [r[: self.replicas] for r in ranked] if ranked else self.owners(keys)
         for view in self.previous:
             for found, earlier in zip(out, view.owners_many(keys, self.replicas), strict=True):
                 found.extend(n for n in earlier if n not in found and n in self.readable)
+        for found, order in zip(out, ranked, strict=False):
+            found.extend(n for n in self._next_nodes(order) if n not in found and n in self.readable)
         return out
+
+    def _ranked(self, keys: Sequence[bytes]) -> list[list[str]]:
+        """Each key's best `replicas + fallback_nodes` members; empty while every member is
+        settled (the common case: no extra work)."""
+        if not self.fallback_nodes or self.unsettled.isdisjoint(self.current.nodes):
+            return []
+        return self.current.owners_many(keys, self.replicas + self.fallback_nodes)
+
+    def _next_nodes(self, ranked: list[str]) -> list[str]:
+        """The members after a key's owners that owned it under a view lacking some unsettled
+        members: walk on in rendezvous order until `replicas` settled members rank above (those
+        own the key under every such view), at most `fallback_nodes` further."""
+        settled = sum(1 for n in ranked[: self.replicas] if n not in self.unsettled)
+        out: list[str] = []
+        for node in ranked[self.replicas :]:
+            if settled >= self.replicas:
+                break
+            out.append(node)
+            settled += node not in self.unsettled
+        return out
+
+    def fallback_kind(self, key: bytes, node: str) -> str | None:
+        """Why `node`, where `key` was found, was asked: None for a current owner,
+        "earlier_view" for an owner under an earlier view, else "next_node"."""
+        if node in self.owners([key])[0]:
+            return None
+        if any(node in view.owners(key, self.replicas) for view in self.previous):
+            return "earlier_view"
+        return "next_node"

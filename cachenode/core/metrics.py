@@ -80,6 +80,12 @@ HANDOFF_CHUNKS = Counter(
     "Chunks handed to their new owners after a view change, by reason (leave, rebalance) and result",
     ["reason", "result"],
 )
+CLIENT_FALLBACK_HITS = Counter(
+    "kvpool_client_fallback_hits_total",
+    "Keys a client found away from their current owners after those missed (a node joined): at an "
+    "owner under an earlier view (via=earlier_view) or the next node in rendezvous order (via=next_node)",
+    ["op", "via"],
+)
 # NIXL (zero-copy) transfers.
 NIXL_LEASES = Counter("kvpool_nixl_leases_total", "Leases handed out for NIXL transfers", ["kind"])
 NIXL_LEASES_EXPIRED = Counter(

@@ -65,6 +65,19 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
         secret=True,
         flag_name="",
     ),
+    Setting(
+        "miss_fallback_nodes",
+        2,
+        "Next nodes in rendezvous order a read also asks after its owners miss, while some member "
+        "is not in every node's view (nodes without --peers, a node given to the client before "
+        "the others know it): keys a client with a shorter list placed there stay hits. 0: never.",
+        integer(0, 16),
+        group="client",
+        kind="int",
+        commands=frozenset(),
+        readers=CLIENT_ONLY,
+        flag_name="",
+    ),
     # -- the connector's own (vLLM engine pods): extra_config key, else KVPOOL_<NAME>
     Setting(
         "timeout_ms",
