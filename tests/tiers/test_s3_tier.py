@@ -22,7 +22,7 @@ def bucket(s3_server):
     return s3_server.new_bucket()
 
 
-def make_tier(s3_server, bucket, closing, **kw) -> S3Tier:
+def make_tier(s3_server, bucket, closing, max_value_size: int | None = None, **kw) -> S3Tier:
     opts = dict(
         s3_url=f"s3://{bucket}/pools/p1",
         s3_endpoint=s3_server.endpoint,
@@ -32,7 +32,7 @@ def make_tier(s3_server, bucket, closing, **kw) -> S3Tier:
     )
     opts.update(kw)
     cfg = SharedTiersConfig.from_options(**opts)
-    tier = S3Tier(cfg.s3, cfg.policy)
+    tier = S3Tier(cfg.s3, cfg.policy, max_value_size=max_value_size)
     closing(tier)
     return tier
 
@@ -97,6 +97,37 @@ def test_corrupt_objects_are_misses_deleted_and_counted(s3_server, bucket, closi
     assert counter(metrics.TIER_CORRUPT, "s3") == before + 1
     listed = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert name not in listed and tier.object_key(b"other") in listed
+
+
+@pytest.mark.parametrize("ranged", [False, True])
+def test_an_object_over_the_value_limit_is_refused_before_its_body_is_read(
+    s3_server, bucket, closing, ranged
+):
+    """Whoever can write the bucket cannot make the node allocate more than --max-value-size."""
+    tier = make_tier(s3_server, bucket, closing, max_value_size=1 * MiB)
+    if ranged:
+        tier.size_hint = 5 * MiB  # read as ranges: the size comes from the first range's header
+    s3 = s3_server.client()
+    name = tier.object_key(b"huge")
+    s3.put_object(Bucket=bucket, Key=name, Body=b"KVPR" + os.urandom(8 * MiB))
+    tier.submit_put(b"fits", os.urandom(4000))
+    assert tier.flush(10)
+    read = []  # bytes each real GET's body handed to the tier
+    real_get = tier._s3.get_object
+
+    def counted_get(**kw):
+        resp = real_get(**kw)
+        body_read = resp["Body"].read
+        resp["Body"].read = lambda *a: read.append(len(data := body_read(*a))) or data
+        return resp
+
+    tier._s3.get_object = counted_get
+    before = counter(metrics.TIER_CORRUPT, "s3")
+    got = tier.get_many([b"huge", b"fits"])
+    assert got[0] is None and got[1] is not None and len(got[1]) == 4000
+    assert counter(metrics.TIER_CORRUPT, "s3") == before + 1
+    assert sum(read) < 1 * MiB  # only the small value's body was read: never the 8 MiB one
+    assert name not in [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
 
 
 def test_missing_bucket_is_a_miss_not_an_error(s3_server, closing):

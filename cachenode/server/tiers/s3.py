@@ -65,8 +65,21 @@ def _code(exc: ClientError) -> str:
 
 
 class S3Tier(BackgroundTier):
-    def __init__(self, cfg: S3Config, policy: TierPolicy | None = None, *, name: str = "s3") -> None:
+    def __init__(
+        self,
+        cfg: S3Config,
+        policy: TierPolicy | None = None,
+        *,
+        name: str = "s3",
+        max_value_size: int | None = None,
+    ) -> None:
+        """`max_value_size`: the node's --max-value-size; a larger object is refused as corrupt
+        before its body is read, so whoever can write the bucket cannot make the node allocate
+        more than that."""
         self.cfg = cfg
+        self.max_record = (
+            None if max_value_size is None else max_value_size + record.HEADER_SIZE + record.MAX_KEY_SIZE
+        )
         self._s3 = make_client(cfg)
         self._parallel = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix=f"kvpool-{name}-io")
         # Size of the largest object of the last read. Chunks of a pool are nearly all one size, so this says
@@ -89,10 +102,14 @@ class S3Tier(BackgroundTier):
             if _code(exc) in _MISSING:
                 return None
             raise
-        data = resp["Body"].read()
         match = _RANGE_RE.match(resp.get("ContentRange") or "")
-        total = int(match.group(3)) if match else len(data)
-        return data, total, resp.get("ETag", "")
+        total = int(match.group(3)) if match else int(resp.get("ContentLength") or 0)
+        if self.max_record is not None and total > self.max_record:
+            resp["Body"].close()  # not a record this node wrote: never read or allocate it
+            self._verify(key, b"")  # counted and deleted as corrupt
+            return None
+        data = resp["Body"].read()
+        return data, (total if match else len(data)), resp.get("ETag", "")
 
     def _range_into(self, key: bytes, etag: str, first: int, last: int, buf: bytearray) -> bool:
         try:

@@ -26,5 +26,5 @@ def build_shared_tiers(config: SharedTiersConfig, max_value_size: int | None = N
         else:
             from kvpool.cachenode.server.tiers.s3 import S3Tier
 
-            tiers.append(S3Tier(config.s3, config.policy))
+            tiers.append(S3Tier(config.s3, config.policy, max_value_size=max_value_size))
     return tiers
