@@ -12,7 +12,7 @@ import ast
 import pathlib
 import sys
 
-SKIPPED = {".venv", "tests", "scripts", "docs", "examples", "build"}
+SKIPPED = {"tests", "scripts", "docs", "examples", "build"}
 
 
 def modules(root: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -20,7 +20,7 @@ def modules(root: pathlib.Path) -> dict[str, pathlib.Path]:
     out: dict[str, pathlib.Path] = {}
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
-        if rel.parts[0] in SKIPPED or "__pycache__" in rel.parts:
+        if rel.parts[0] in SKIPPED or rel.parts[0].startswith(".") or "__pycache__" in rel.parts:
             continue
         name = ".".join(("kvpool", *rel.with_suffix("").parts)).removesuffix(".__init__")
         out[name] = path
