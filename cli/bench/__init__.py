@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "node": "kvpool.cli.bench.node:node",
     "p2p": "kvpool.cli.bench.p2p:p2p",
     "pool": "kvpool.cli.bench.pool:pool",
+    "soak": "kvpool.cli.bench.soak:soak",
     "tiers": "kvpool.cli.bench.tiers:tiers",
     "ttft": "kvpool.cli.bench.ttft:ttft",
 }
