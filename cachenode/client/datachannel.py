@@ -3,8 +3,9 @@ straight into the caller's objects.
 
 A `NodeConnection` (connection.py) learns the channel's port and session token with one Hello
 call and hands them here; every reply is checked before it is believed (counts match the
-request, sizes lie within the node's limits), so a misbehaving node is a `BadReply`, never a
-short or shifted value.
+request, sizes lie within the node's limits, no bytes beyond the reply), so a misbehaving node
+is a `BadReply`, never a short or shifted value; and every call ends by its deadline (`timeout`
+from the start of the call, however slowly the node drips its reply: replystream.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import socket
 import ssl
+import time
 from collections.abc import Callable, Sequence
 
 from kvpool.cachenode.client.buffers import BufferPool, PooledBuffer
@@ -22,6 +24,7 @@ from kvpool.cachenode.client.control_ops import (
     receive,
     send,
 )
+from kvpool.cachenode.client.replystream import ReplyStream
 from kvpool.cachenode.core.errors import (
     BadReply,
     InvalidRequest,
@@ -35,6 +38,7 @@ from kvpool.cachenode.rpc import dataproto as dp
 from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
 
 READ_BUFFER = 256 * 1024
+VALUE_PIECE = 64 * 1024 * 1024  # a larger value is read in pieces: memory follows the bytes that came
 BUFFER_WAIT_S = 1.0
 
 Value = bytes | bytearray | memoryview
@@ -65,23 +69,47 @@ def acquire_buffer(buffers: Callable[[], BufferPool], size: int) -> PooledBuffer
 
 
 class DataConnection:
-    """One authenticated socket of the data channel."""
+    """One authenticated socket of the data channel. Each call `arm`s it with its deadline."""
 
     def __init__(
-        self, host: str, port: int, token: bytes, timeout: float, tls: ssl.SSLContext | None = None
+        self,
+        host: str,
+        port: int,
+        token: bytes,
+        timeout: float,
+        tls: ssl.SSLContext | None = None,
+        deadline: float | None = None,
     ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
-        self.rfile = self.sock.makefile("rb", buffering=READ_BUFFER)
-        self.sock.sendall(dp.encode_hello(token))
-        self.features = self.read_status()  # FEATURE_* bits; 0 from nodes without control ops
+        """`deadline` (time.monotonic): the handshake's, else `timeout` from now."""
+        deadline = time.monotonic() + timeout if deadline is None else deadline
+        sock = socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 1e-3))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = tls.wrap_socket(sock, server_hostname=host) if tls is not None else sock
+            self.reader = ReplyStream(self.sock, READ_BUFFER)
+            self.reader.arm(deadline)
+            self.sock.sendall(dp.encode_hello(token))
+            self.features = self.read_status()  # FEATURE_* bits; 0 from nodes without control ops
+        except BaseException:
+            sock.close()
+            raise
 
-    def read_exact(self, n: int) -> bytes:
-        data = self.rfile.read(n)
-        if len(data) < n:
-            raise ConnectionError("data channel closed mid-response")
-        return data
+    def arm(self, deadline: float) -> None:
+        """Every read and send of the next call ends by `deadline` (time.monotonic)."""
+        self.reader.arm(deadline)
+
+    def read_exact(self, n: int, piece: int = 0) -> bytes:
+        try:
+            return self.reader.read_exact(n, piece)
+        except ConnectionError:
+            raise ConnectionError("data channel closed mid-response") from None
+
+    def read_into(self, view) -> int:
+        return self.reader.readinto(view)
+
+    def leftover(self) -> bool:
+        """Whether the node sent bytes beyond the replies read (a lie, or a stale reply)."""
+        return self.reader.leftover()
 
     def read_status(self) -> int:
         status, count = dp.STATUS_STRUCT.unpack(self.read_exact(dp.STATUS_STRUCT.size))
@@ -99,7 +127,7 @@ class DataConnection:
 
     def close(self) -> None:
         try:
-            self.rfile.close()
+            self.reader.close()
             self.sock.close()
         except OSError:
             pass
@@ -180,8 +208,10 @@ class DataChannel:
         raised by the send or the read; a stale pooled connection is retried at the read."""
         if not fits_one_window(requests):
             return lambda: self.pipeline(requests)
-        conn, reused = self._acquire()
+        deadline = time.monotonic() + self._timeout
+        conn, reused = self._acquire(deadline)
         try:
+            conn.arm(deadline)
             send(conn, requests)
         except BaseException as exc:
             conn.close()
@@ -192,6 +222,7 @@ class DataChannel:
         def finish() -> list:
             try:
                 replies = receive(conn, requests)
+                self._check_drained(conn)
             except BaseException as exc:
                 conn.close()
                 if reused and _stale(exc):
@@ -217,11 +248,14 @@ class DataChannel:
     def _with_connection(self, operation):
         """Run on a pooled connection; a stale pooled connection (closed by the node, e.g. after a
         restart) is retried once on a fresh one. A timeout is not retried: the node is slow or
-        hung, and a second try would wait as long again."""
+        hung, and a second try would wait as long again. Both tries end by one deadline."""
+        deadline = time.monotonic() + self._timeout
         for attempt in (0, 1):
-            conn, reused = self._acquire()
+            conn, reused = self._acquire(deadline)
             try:
+                conn.arm(deadline)
                 result = operation(conn)
+                self._check_drained(conn)
             except KVPoolError:
                 conn.close()
                 raise
@@ -244,18 +278,30 @@ class DataChannel:
             return result
         raise AssertionError("unreachable")
 
-    def _acquire(self) -> tuple[DataConnection, bool]:
+    def _check_drained(self, conn: DataConnection) -> None:
+        """After the last reply of a call: bytes beyond it mean the node framed a reply longer
+        than it announced; what was read may be shifted, so the call fails (and drops `conn`)."""
+        if conn.leftover():
+            raise BadReply(f"{self._url}: the data channel sent more than its reply announced")
+
+    def _acquire(self, deadline: float) -> tuple[DataConnection, bool]:
         if self.closed:
             raise Unavailable("client is closed")
-        try:
-            return self._idle.pop(), True
-        except IndexError:
-            pass
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                break
+            if not conn.leftover():  # bytes that arrived while it was idle: never a reply to us
+                return conn, True
+            conn.close()
         for attempt in (0, 1):
             hello = self._session()
             host = hello.data_host or self._host
             try:
-                conn = DataConnection(host, hello.data_port, hello.data_token, self._timeout, self._tls)
+                conn = DataConnection(
+                    host, hello.data_port, hello.data_token, self._timeout, self._tls, deadline
+                )
             except Unauthenticated:
                 if attempt:
                     raise
@@ -300,7 +346,7 @@ class DataChannel:
             for key, size in zip(keys, sizes, strict=True):
                 if size >= 0:
                     found[key] = buf = acquire_buffer(self._buffers, size)  # an error drops the connection
-                    if size and conn.rfile.readinto(buf.view) != size:
+                    if size and conn.read_into(buf.view) != size:
                         raise ConnectionError("data channel closed mid-value")
         except BaseException:
             for buf in found.values():
@@ -313,8 +359,8 @@ class DataChannel:
         sizes = self._read_sizes(conn, len(keys))
         found: dict[bytes, bytes] = {}
         for key, size in zip(keys, sizes, strict=True):
-            if size >= 0:
-                found[key] = conn.read_exact(size)
+            if size >= 0:  # size is within the node's --max-value-size, which the node announced
+                found[key] = conn.read_exact(size, VALUE_PIECE)
         return found
 
     def _get_into(self, conn: DataConnection, key: bytes, buffer) -> int | None:
@@ -325,7 +371,7 @@ class DataChannel:
         view = memoryview(buffer).cast("B")
         if len(view) < size:  # the unread value stays on this connection, which is dropped with the error
             raise InvalidRequest(f"buffer of {len(view)} bytes is too small for a {size}-byte value")
-        got = conn.rfile.readinto(view[:size])
+        got = conn.read_into(view[:size])
         if got != size:
             raise ConnectionError("data channel closed mid-value")
         return size

@@ -5,6 +5,10 @@ request(s), reads the replies in order and gives it back. `pipeline` keeps sever
 flight on one connection. Every reply is checked against its request before it is believed;
 a connection that saw anything odd is closed, never reused.
 
+Every call ends by its deadline (`timeout` from its start; in a pipeline, from each request's
+turn to be answered), however slowly a service drips its reply (replystream.py), and a reply body
+is read in pieces, so memory follows the bytes that arrived, not the length a header announced.
+
 Errors: `InvalidRequest` for a query the service refused (as over gRPC); `ChannelDown` for
 anything about the connection itself (refused, reset, timed out, bad token, malformed reply), on
 which LookupClient answers the same query over gRPC instead.
@@ -15,9 +19,11 @@ from __future__ import annotations
 import collections
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from kvpool.cachenode.client.replystream import ReplyStream
 from kvpool.cachenode.core.errors import InvalidRequest, KVPoolError
 from kvpool.cachenode.rpc import lookupproto as lp
 
@@ -26,6 +32,7 @@ READ_BUFFER = 64 * 1024
 SOCKET_BUFFER = 1 << 20
 MAX_IDLE = 8  # connections kept for the next calls (one per thread that asks at once)
 MAX_INFLIGHT_BYTES = 256 * 1024  # request bytes sent but unanswered (both ends' buffers hold them)
+BODY_PIECE = 1 << 20  # a reply body is read in pieces of this
 
 T = TypeVar("T")
 Decode = Callable[[lp.ReplyHeader, bytes], T]
@@ -47,6 +54,8 @@ class QueryConnection:
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
+        self.timeout = timeout
+        deadline = time.monotonic() + timeout
         sock = socket.create_connection((host, port), timeout=min(timeout, CONNECT_TIMEOUT_S))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -54,9 +63,9 @@ class QueryConnection:
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
-            sock.settimeout(timeout)
             self.sock = sock
-            self.rfile = sock.makefile("rb", buffering=READ_BUFFER)
+            self.reader = ReplyStream(sock, READ_BUFFER)
+            self.reader.arm(deadline)
             sock.sendall(lp.encode_hello(token))
             status, _ = lp.STATUS_STRUCT.unpack(self._read(lp.STATUS_STRUCT.size))
             if status != lp.STATUS_OK:
@@ -68,10 +77,19 @@ class QueryConnection:
             raise
 
     def _read(self, n: int) -> bytes:
-        data = self.rfile.read(n)
-        if len(data) < n:
-            raise ConnectionError("the query channel closed mid-reply")
-        return data
+        try:
+            return self.reader.read_exact(n, BODY_PIECE)
+        except ConnectionError:
+            raise ConnectionError("the query channel closed mid-reply") from None
+
+    def arm(self) -> None:
+        """What is sent and read from now on ends within the timeout."""
+        self.reader.arm(time.monotonic() + self.timeout)
+
+    def check_drained(self) -> None:
+        """After the last reply expected: more bytes mean a reply longer than it said."""
+        if self.reader.leftover():
+            raise lp.FrameError("the query channel sent more than its replies announced")
 
     def send(self, frame: bytes) -> None:
         self.sock.sendall(frame)
@@ -89,7 +107,7 @@ class QueryConnection:
 
     def close(self) -> None:
         try:
-            self.rfile.close()
+            self.reader.close()
             self.sock.close()
         except OSError:
             pass
@@ -121,8 +139,10 @@ class QueryChannel:
         while idle) is replaced once: queries change nothing, asking again is safe."""
         conn, kept = self._take()
         try:
+            conn.arm()
             conn.send(frame)
             result = conn.receive(asked, decode)
+            conn.check_drained()
         except BaseException as exc:
             conn.close()
             if not (kept and isinstance(exc, ConnectionError)):
@@ -133,8 +153,10 @@ class QueryChannel:
 
     def _call_once(self, conn: QueryConnection, frame: bytes, asked: int, decode: Decode[T]) -> T:
         try:
+            conn.arm()
             conn.send(frame)
             result = conn.receive(asked, decode)
+            conn.check_drained()
         except BaseException as exc:
             conn.close()
             raise _down(exc) from None
@@ -153,12 +175,16 @@ class QueryChannel:
                 while inflight and (len(inflight) >= window or sent_bytes + len(frame) > MAX_INFLIGHT_BYTES):
                     done_asked, size = inflight.popleft()
                     sent_bytes -= size
+                    conn.arm()
                     yield conn.receive(done_asked, decode)
+                conn.arm()
                 conn.send(frame)
                 inflight.append((asked, len(frame)))
                 sent_bytes += len(frame)
             while inflight:
+                conn.arm()
                 yield conn.receive(inflight.popleft()[0], decode)
+            conn.check_drained()
         except GeneratorExit:  # the caller stopped early: replies are still on their way
             conn.close()
             raise
@@ -169,10 +195,16 @@ class QueryChannel:
 
     def _take(self) -> tuple[QueryConnection, bool]:
         """A kept connection (True) or a new one (False)."""
-        try:
-            return self._idle.pop(), True
-        except IndexError:
-            return self._new(), False
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return self._new(), False
+            try:
+                conn.check_drained()  # bytes that came while it was idle answer nobody
+                return conn, True
+            except lp.FrameError:
+                conn.close()
 
     def _new(self) -> QueryConnection:
         try:

@@ -107,8 +107,11 @@ def pool_reference(pod: dict[str, Any], namespace: str) -> tuple[str, str]:
 def _annotate(
     pod: dict[str, Any], values: dict[str, str], remove: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
-    current = (pod.get("metadata") or {}).get("annotations")
-    if current is None:
+    metadata = pod.get("metadata")
+    if not isinstance(metadata, dict):  # absent or null: the patch must create it to apply
+        return [{"op": "add", "path": "/metadata", "value": {"annotations": values}}]
+    current = metadata.get("annotations")
+    if not isinstance(current, dict):  # absent, null (or not a map): set the whole map
         return [{"op": "add", "path": "/metadata/annotations", "value": values}]
     ops: list[dict[str, Any]] = [
         {"op": "add", "path": _pointer("metadata", "annotations", k), "value": v} for k, v in values.items()
@@ -302,7 +305,7 @@ def _append(ops: list[dict[str, Any]], obj: dict[str, Any], base: tuple[str | in
     """Ops appending `items` to the list obj[key] at JSON pointer `base` (creating it when absent)."""
     if not items:
         return
-    if obj.get(key) is None:
+    if not isinstance(obj.get(key), list):  # absent or null: "add" creates (or replaces) it
         ops.append({"op": "add", "path": _pointer(*base, key), "value": items})
     else:
         ops += [{"op": "add", "path": _pointer(*base, key, "-"), "value": item} for item in items]

@@ -59,7 +59,9 @@ def decide(review: dict[str, Any], get_pool: PoolGetter) -> patch.Decision | Non
     request = review.get("request") or {}
     if (request.get("kind") or {}).get("kind") != "Pod" or request.get("operation", "CREATE") != "CREATE":
         return None
-    pod = request.get("object") or {}
+    pod = request.get("object")
+    if not isinstance(pod, dict):  # nothing a patch could apply to (the API server sends a pod)
+        return None
     namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"
     if patch.INJECTED_ANNOTATION in patch.annotations(pod):
         return patch.Decision([])
@@ -160,8 +162,12 @@ class WebhookServer:
             log.exception(f"Webhook error on pod {_pod_name(review)}; admitting it unchanged")
             outcome = "error"
             try:
-                pod = (review.get("request") or {}).get("object") or {}
-                decision = patch.skipped(pod, f"webhook error: {type(exc).__name__}: {exc}"[:500])
+                pod = (review.get("request") or {}).get("object")
+                decision = (
+                    patch.skipped(pod, f"webhook error: {type(exc).__name__}: {exc}"[:500])
+                    if isinstance(pod, dict)
+                    else None
+                )
             except Exception:
                 decision = None
         ADMISSIONS.labels(outcome).inc()

@@ -110,13 +110,22 @@ def part_count(record_size: int, header_size: int, part_size: int) -> int:
     return -(-(record_size - header_size) // part_size)
 
 
-class _ReplyReader:
-    """Reads RESP2 bulk replies from a socket, payloads straight into caller buffers."""
+MAX_REPLY_LINE = 64 * 1024  # a RESP line (bulk length or error) longer than this is not Redis
 
-    def __init__(self, sock) -> None:
+
+class _ReplyReader:
+    """Reads RESP2 bulk replies from a socket, payloads straight into caller buffers.
+
+    The server's reply is input like any other: a bulk length is checked against `max_bulk`
+    (the largest head or part this tier writes) before a byte is allocated for it, a line must
+    end within MAX_REPLY_LINE, and anything else than a bulk reply is a ConnectionError (the
+    caller drops the connection: its stream position is unknown)."""
+
+    def __init__(self, sock, max_bulk: int) -> None:
         self._sock = sock
         self._buf = bytearray()
         self._pos = 0
+        self._max_bulk = max_bulk
 
     def _fill(self) -> None:
         chunk = self._sock.recv(65536)
@@ -134,6 +143,8 @@ class _ReplyReader:
                 line = bytes(self._buf[self._pos : end])
                 self._pos = end + 2
                 return line
+            if len(self._buf) - self._pos > MAX_REPLY_LINE:
+                raise ConnectionError(f"reply line longer than {MAX_REPLY_LINE} bytes")
             self._fill()
 
     def _read_into(self, target: memoryview) -> None:
@@ -150,11 +161,13 @@ class _ReplyReader:
         line = self._line()
         if line[:1] == b"-":
             raise ResponseError(line[1:].decode(errors="replace"))
-        if line[:1] != b"$":
+        if line[:1] != b"$" or not (line[1:].isdigit() or line[1:] == b"-1"):
             raise ConnectionError(f"unexpected reply {line[:16]!r}")
         n = int(line[1:])
         if n < 0:
             return None
+        if n > self._max_bulk:
+            raise ConnectionError(f"bulk reply of {n} bytes is over the {self._max_bulk}-byte limit")
         out: memoryview | bytearray | None
         if target is None:
             out = bytearray(n)
@@ -164,7 +177,11 @@ class _ReplyReader:
             self._read_into(target)
         else:  # wrong size: drain it to keep the stream in step, report a miss
             out = None
-            self._read_into(memoryview(bytearray(n)))
+            scratch = memoryview(bytearray(min(n, _READ_CHUNK)))
+            while n:
+                take = min(n, len(scratch))
+                self._read_into(scratch[:take])
+                n -= take
         trailer = memoryview(bytearray(2))
         self._read_into(trailer)
         if trailer != b"\r\n":
@@ -326,7 +343,7 @@ class RedisTier(BackgroundTier):
             conn.send_packed_command(
                 conn.pack_commands([("GET", key) for key, _ in jobs]), check_health=False
             )
-            reader = _ReplyReader(conn._sock)
+            reader = _ReplyReader(conn._sock, self.max_record_size)
             results = [reader.bulk_into(target) for _, target in jobs]
         except BaseException:
             conn.disconnect()  # the stream position is unknown: never reuse this connection
