@@ -11,10 +11,15 @@ group in an order rotated run by run, so no path always runs first on a machine 
 Valkey is measured twice for gets: valkey-py's `GET` (its default reader, which allocates each
 value) and a `GET` on one connection received with `recv_into` into a reused buffer
 (tiers_raw.RawValkey), one key per request as kvpool's get. Every path counts the bytes it moved
-and the ends of each value it got; the JSON reports them beside what was expected."""
+and the ends of each value it got; the JSON reports them beside what was expected.
+
+With `--lmcache PYTHON` (the interpreter of LMCache's venv, scripts/install-lmcache.sh), LMCache
+0.5.6's own `lm://` server and client are two more paths of the same run (lmcache.py), rotated
+with the others, with their ratios to the same-run socket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -26,6 +31,8 @@ from collections.abc import Callable
 import click
 
 from ..options import option
+from .lmcache import LMCache, Timed
+from .lmcache import check as check_lmcache
 from .moved import Moved
 
 MiB = 1024 * 1024
@@ -57,7 +64,9 @@ def _rotated(paths: list, shift: int) -> list:
     return paths[shift:] + paths[:shift]
 
 
-def _measure(client, raw, vclient, vraw, value: bytes, count: int, shift: int) -> tuple[dict, dict]:
+def _measure(
+    client, raw, vclient, vraw, value: bytes, count: int, shift: int, lm: LMCache | None = None
+) -> tuple[dict, dict]:
     """One pass of every path over `count` values of one size: GB/s per path, and what each moved.
 
     The puts run first (each get reads what its put stored), then the gets; within each group
@@ -106,12 +115,18 @@ def _measure(client, raw, vclient, vraw, value: bytes, count: int, shift: int) -
         ("baseline_valkey_get_gbps", valkey_get),
         ("baseline_valkey_recv_into_get_gbps", valkey_recv_into_get),
     ]
+    if lm is not None:  # timed in LMCache's driver process: Timed carries its seconds
+        puts.append(("lmcache_put_gbps", lambda: lm.put(size, count)))
+        gets.append(("lmcache_get_gbps", lambda: lm.get(size, count)))
     figures: dict[str, float] = {}
     moved: dict[str, tuple[int, int | None]] = {}  # path -> (bytes, values right; None for puts)
     for name, fn in _rotated(puts, shift) + _rotated(gets, shift):
         started = time.perf_counter()
         out = fn()
-        figures[name] = count * size / (time.perf_counter() - started) / 1e9
+        seconds = time.perf_counter() - started
+        if isinstance(out, Timed):
+            seconds, out = out.seconds, out.out
+        figures[name] = count * size / seconds / 1e9
         moved[name] = (out.nbytes, out.matches([value] * count)) if isinstance(out, Moved) else (out, None)
     for key in (keys[0], keys[-1]):  # checked outside the timed pass
         with client.get_many_into([key])[key] as buf:
@@ -145,13 +160,26 @@ def _get_into(client, key: bytes, moved: Moved) -> None:
     default="tcp",
     help="tcp: the data channel vs a plain socket and Valkey; nixl: NIXL vs raw NIXL and the data channel.",
 )
+@option(
+    "--lmcache",
+    metavar="PYTHON",
+    default=None,
+    help="Also measure LMCache 0.5.6's lm:// server and client, run by this interpreter of a venv "
+    "that has LMCache (scripts/install-lmcache.sh makes .venv-lmcache); tcp transport only.",
+)
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of figures.")
-def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bool) -> None:
+def node(
+    runs: int, total: int, malloc_tuning: bool, transport: str, lmcache: str | None, as_json: bool
+) -> None:
     """Node put/get GB/s vs a plain TCP socket and vs Valkey GET/SET of the same values (or, with
     --transport nixl, vs a raw NIXL READ and kvpool's TCP data channel)."""
     if transport == "nixl":
+        if lmcache:
+            raise click.UsageError("--lmcache runs with --transport tcp only")
         _nixl(runs, total, malloc_tuning, as_json)
         return
+    if lmcache:
+        check_lmcache(lmcache)  # before anything starts: a clear error naming the install script
     import valkey
 
     from kvpool.cachenode import Client
@@ -177,7 +205,11 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
     expected_values: dict[str, int] = {}
     try:
         tcp_port = int(tcp.stdout.readline())
-        with kvpool_up("--memory", f"{2 * total + 64}MiB") as (_, url), valkey_server() as vk:
+        with (
+            kvpool_up("--memory", f"{2 * total + 64}MiB") as (_, url),
+            valkey_server() as vk,
+            LMCache(lmcache, payloads) if lmcache else contextlib.nullcontext() as lm,
+        ):
             _progress(
                 f"node {url}, valkey 127.0.0.1:{vk.port}, tcp baseline 127.0.0.1:{tcp_port}; {runs} runs"
             )
@@ -190,7 +222,7 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
                 for name, size in SIZES.items():
                     count = max(1, total * MiB // size)
                     figures, moved = _measure(
-                        client, raw, vclient, vraw, payloads[name], count, shift=max(run, 0)
+                        client, raw, vclient, vraw, payloads[name], count, shift=max(run, 0), lm=lm
                     )
                     if run >= 0:
                         for metric, gbps in figures.items():
@@ -223,6 +255,8 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
         "values_expected": expected_values,
         "values_verified": verified,
     }
+    if lm is not None:
+        result["lmcache_version"] = lm.version
     for key, values in sorted(samples.items()):
         result[key] = round(statistics.median(values), 3)
         result[f"spread_{key}"] = _spread(values)
@@ -235,6 +269,13 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
         "ratio_put_vs_valkey": ("put_gbps", "baseline_valkey_put_gbps"),
         "ratio_get_vs_valkey_recv_into": ("get_gbps", "baseline_valkey_recv_into_get_gbps"),
     }
+    if lm is not None:
+        pairs |= {
+            "ratio_lmcache_get_vs_tcp": ("lmcache_get_gbps", "baseline_tcp_gbps"),
+            "ratio_lmcache_put_vs_tcp": ("lmcache_put_gbps", "baseline_tcp_put_gbps"),
+            "ratio_get_vs_lmcache": ("get_gbps", "lmcache_get_gbps"),
+            "ratio_put_vs_lmcache": ("put_gbps", "lmcache_put_gbps"),
+        }
     for name in SIZES:
         for ratio, (ours, theirs) in pairs.items():
             per_run = [
@@ -250,6 +291,11 @@ def node(runs: int, total: int, malloc_tuning: bool, transport: str, as_json: bo
                 f"put {result[f'put_gbps_{name}']:.2f} GB/s (tcp {result[f'baseline_tcp_put_gbps_{name}']:.2f}, "
                 f"x{result[f'ratio_put_vs_tcp_{name}']:.2f})"
             )
+            if lm is not None:
+                click.echo(
+                    f"{name}: LMCache {lm.version} get x{result[f'ratio_lmcache_get_vs_tcp_{name}']:.2f} "
+                    f"put x{result[f'ratio_lmcache_put_vs_tcp_{name}']:.2f} of the same-run socket"
+                )
     click.echo(json.dumps(result))
 
 
