@@ -6,10 +6,16 @@ cd "$(dirname "$0")/.."
 # current directory on sys.path, where it would shadow the standard library's operator module.
 export PYTHONSAFEPATH=1
 
-# Real servers the tests start on loopback: redis-server from Debian (valkey-server comes in a wheel).
-if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-    || echo "warning: could not install redis-server; its tests will be skipped" >&2
+# Commands the tests run: redis-server from Debian (built with TLS, for the TLS tier tests; valkey-server
+# comes in a wheel), openssl (test certificates) and shellcheck (scripts/*.sh). A test that finds one
+# missing skips locally and fails under CI=true (tests/needs.py); pytest's -ra lists every skip.
+missing_cmds=()
+for cmd in redis-server openssl shellcheck; do
+  command -v "$cmd" >/dev/null 2>&1 || missing_cmds+=("$cmd")
+done
+if [ "${#missing_cmds[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_cmds[@]}" >/dev/null) \
+    || echo "warning: could not install ${missing_cmds[*]}; their tests will fail under CI=true" >&2
 fi
 
 # npm, through which scripts/install.sh fetches a real helm for the chart tests (tests/chart).

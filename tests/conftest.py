@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from kvpool.cli.devtools.ttft import same_cpu_threads
+
+from .needs import MARK, missing
 
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
@@ -48,6 +51,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "cuda(gpus=1): needs a CUDA GPU (gpus of them); skipped without one, except that under "
         "KVPOOL_REQUIRE_CUDA=1 (scripts/gpu-check.sh) such a skip is a failure",
     )
+    config.addinivalue_line(
+        "markers",
+        f"{MARK}(present, why): needs something CI has (tests/needs.py): when it is not present, "
+        "skipped locally and a failure under CI=true",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked by ``tests.needs.needs`` whose dependency is missing: skip, or fail under CI."""
+    for mark in item.iter_markers(MARK):
+        if not mark.kwargs["present"]:
+            missing(mark.kwargs["why"])
 
 
 def _fewer_gpus_than(n: int) -> bool:
@@ -119,6 +134,8 @@ def issue_cert(ca_dir: Path, name: str, san: str, cn: str | None = None) -> tupl
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
     """A CA and a server certificate for 127.0.0.1 / localhost, made on the spot (needs openssl)."""
+    if shutil.which("openssl") is None:
+        missing("no openssl command to make the test certificates (apt-get install openssl)")
     d = tmp_path_factory.mktemp("tls")
 
     def run(*args: str) -> None:
@@ -160,13 +177,15 @@ def certs(tmp_path_factory):
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    """A real 1 MiB filesystem, to hit ENOSPC for real (needs root)."""
+    """A real 1 MiB filesystem, to hit ENOSPC for real. Mounting needs root (CAP_SYS_ADMIN), which
+    CI has (scripts/test.sh runs as root there, as its apt-get installs do): elsewhere it skips."""
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if done.returncode:
+        missing(f"cannot mount a 1 MiB tmpfs (uid {os.getuid()}, needs root): {done.stderr.strip()}")
     try:
         yield mnt
     finally:

@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+STEP_MARKER = "engine_runner: step "
+
 
 def run_engine(model: str, engine: dict) -> dict:
     from vllm import LLM, SamplingParams
@@ -62,6 +64,9 @@ def run_engine(model: str, engine: dict) -> dict:
     max_tokens = engine.get("max_tokens", 12)
     results: dict[str, list[dict]] = {}
     for step in engine["steps"]:
+        # a marker the tests split the log at (enginetools.step_log): what the engines' processes
+        # log during a step follows its marker
+        print(f"{STEP_MARKER}{step['name']}", flush=True)
         if step.get("pause"):
             ready, go = step["pause"]
             open(ready, "w").close()

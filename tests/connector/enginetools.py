@@ -66,6 +66,37 @@ def wait_for(path: str, proc, tmp: Path, name: str, timeout: float = 600) -> Non
         time.sleep(0.1)
 
 
+def step_log(log: str, name: str) -> str:
+    """What a run logged during its step ``name`` (engine_runner.py marks where each step starts):
+    a check on one step cannot pass on another step's lines. The first step of that name."""
+    marker = f"engine_runner: step {name}\n"
+    assert marker in log, f"no step {name} in the log"
+    return log.split(marker, 1)[1].split("engine_runner: step ", 1)[0]
+
+
+_LOAD_LINE = re.compile(
+    r"Retrieved (\d+) of (\d+) tokens \((\d+) chunks\) from \S+ in ([\d.]+) ms(?:; (\d+) tokens failed)?"
+)
+DEADLINE_MS = 500
+"""The connector deadline (``timeout_ms``) of the engine tests that slow a Get through faultproxy."""
+
+
+def loads(log: str) -> list[tuple[int, int, float, int]]:
+    """Every load the connector logged (one line per load, never rate-limited, unlike its warning
+    of a failed call): (tokens loaded, prompt tokens, milliseconds, tokens that failed)."""
+    return [
+        (int(ok), int(total), float(ms), int(failed or 0))
+        for ok, total, _c, ms, failed in _LOAD_LINE.findall(log)
+    ]
+
+
+def cut_at_the_deadline(ms: float, slow_s: float) -> bool:
+    """Whether a failed load lasted as long as a timeout: the ``DEADLINE_MS`` it waited (minus a
+    little for clock granularity), and less than the ``slow_s`` the late answer took — a refused
+    or missing chunk fails in milliseconds, a load that waited for the answer takes ``slow_s``."""
+    return DEADLINE_MS * 0.9 <= ms < slow_s * 1000
+
+
 def fingerprints(log: str) -> dict[tuple[int, int], ModelFingerprint]:
     """The fingerprint of each (tp, pp) rank, as the engine's scheduler logged it."""
     found = {

@@ -10,7 +10,9 @@ over gRPC (Hello advertises no data channel). Before answering a Get, the proxy 
   after s seconds, past the connector's deadline: the load is cut short;
 * ``"always_slow_on_get": [hex keys]`` — every Get asking for such a key answers after slow_s.
 
-Every lookup is printed (``lookup <first key hex> <number of keys>``), so a test can count them.
+Every lookup is printed (``lookup <first key hex> <number of keys>``), so a test can count them;
+so is every slowed Get (``slow get <first slowed key hex> <number of slowed keys>``) and every
+call the upstream pool failed (``upstream failed: <kind>: <error>``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class FaultProxy(pb_grpc.CacheNodeServicer):
         try:
             return fn(*args)
         except Exception as exc:  # the upstream pool is down: so is the proxy
+            print(f"upstream failed: {type(exc).__name__}: {exc}", flush=True)
             context.abort(grpc.StatusCode.UNAVAILABLE, f"upstream: {exc}")
 
     def Hello(self, request, context):
@@ -107,6 +110,7 @@ class FaultProxy(pb_grpc.CacheNodeServicer):
         if doomed:
             self._call(context, self._up.delete, [bytes.fromhex(h) for h in doomed])
         if slow:
+            print(f"slow get {slow[0]} {len(slow)}", flush=True)
             time.sleep(float(faults.get("slow_s", 2.0)))
         found = self._call(context, self._up.get_many, keys)
         values = [found.get(k) for k in keys]

@@ -93,7 +93,7 @@ def test_remote_pool_that_is_down_answers_fast():
     t0 = time.perf_counter()
     assert pool.prefix_hits([b"k" * 32]) == 0
     assert pool.get_many([b"k" * 32]) == [None]
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 1.0  # refused at once or after the 0.2 s timeout: a 5x margin
 
 
 def test_scheduler_without_the_workers_pool_is_a_miss(tmp_path):

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from kvpool.connector import kvcopy
+from ..needs import csrc_extension
 
 BENCH = [sys.executable, "-m", "kvpool.cli.main", "bench", "copy", "--runs", "1", "--repeat", "1"]
 
 
-@pytest.mark.skipif(not kvcopy.extension_available(), reason=kvcopy.extension_status())
+@csrc_extension()
 @pytest.mark.parametrize("layout", ["auto", "mla"])
 def test_bench_copy_json_contract(layout):
     result = subprocess.run(

@@ -6,7 +6,9 @@ Then chunks 3-4 are deleted and, between the next lookup and its load, rank 1's 
 rank 0 loads chunks 0-2 fine, rank 1 does not. vLLM recomputes from chunk 1 on both ranks; the
 step that failed also completed chunks 3-4, over the missing KV, on both ranks. Afterwards the
 output is identical and the pool holds exactly the reference bytes for every chunk of both ranks:
-no rank stored a shard computed over the other rank's missing KV.
+no rank stored a shard computed over the other rank's missing KV. Every output is compared with a
+cache-off TP=2 engine's (a second engine of the same runner process), and a negative control shows
+the comparison can fail: rank 0's real KV planted under rank 1's keys changes the answer.
 
 The two workers start in about two minutes here; the scheduler-side decision itself is also
 unit-tested in test_scheduler_logic.py.
@@ -24,7 +26,7 @@ from kvpool.cachenode import Client
 from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector.keys import chunk_keys
 
-from .enginetools import fault_proxy, fingerprints, finish, ids, run, tiny_model, wait_for
+from .enginetools import fault_proxy, fingerprints, finish, ids, payload, plant, run, tiny_model, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # one fixture starts the engine
 
@@ -47,9 +49,11 @@ def runs(tmp_path_factory):
             {"name": "clean", "prompts": [P]},
             {"name": "failed", "prompts": [P], "pause": pause1},
             {"name": "after", "prompts": [[3, 4, 5]], "pause": pause2},
+            {"name": "wrong", "prompts": [P]},  # rank 1 loads rank 0's KV (planted at pause 2)
         ]
         extra = {"chunk_size": C, "url": proxy, "timeout_ms": 2000}
-        spec = {"model": model, "engines": [{"tp": 2, "extra": extra, "max_tokens": 32, "steps": steps}]}
+        off = {"tp": 2, "connector": False, "max_tokens": 32, "steps": [{"name": "ref", "prompts": [P]}]}
+        spec = {"model": model, "engines": [{"tp": 2, "extra": extra, "max_tokens": 32, "steps": steps}, off]}
         proc = run(spec, tmp, "tp2", wait=False, env=env)
         wait_for(pause1[0], proc, tmp, "tp2")
         fps = fingerprints((tmp / "tp2.log").read_text())
@@ -65,8 +69,11 @@ def runs(tmp_path_factory):
             out["after"] = {rank: [c.get(k) for k in keys[rank]] for rank in (0, 1)}
             stats = c.stats()
             out["pinned"] = (stats["pinned_bytes"], stats["leases"])
+            # negative control: rank 0's real KV, well-formed under rank 1's keys (key, header, checksum)
+            for k0, k1 in zip(keys[0], keys[1], strict=True):
+                plant(c, fps[(1, 0)], k1, payload(fps[(0, 0)], k0, c.get(k0)))
         Path(pause2[1]).touch()
-        out["tp2"], out["log"] = finish(proc, spec, tmp, "tp2")
+        (out["tp2"], out["off"]), out["log"] = finish(proc, spec, tmp, "tp2")
     return out
 
 
@@ -78,14 +85,23 @@ def test_each_rank_keys_and_stores_its_own_shard(runs):
 
 
 def test_one_ranks_failed_load_recomputes_on_both_and_the_answer_is_unchanged(runs):
-    e = runs["tp2"][0]
+    e, ref = runs["tp2"], runs["off"]["ref"][0]["tokens"]
     assert e["clean"][0]["cached"] == 0
-    assert e["failed"][0]["tokens"] == e["clean"][0]["tokens"]
-    assert len(e["clean"][0]["tokens"]) == 32
+    assert len(ref) == 32
+    assert e["clean"][0]["tokens"] == ref  # the cache-off TP=2 engine's answer
+    assert e["failed"][0]["tokens"] == ref
     log = runs["log"]
     assert "Retrieved 192 of 330 tokens (3 chunks)" in log  # rank 0: all three
     assert "Retrieved 64 of 330 tokens (1 chunks)" in log  # rank 1: chunk 1 was gone
     assert "Recovered from KV load failure" in log  # vLLM rescheduled the request
+
+
+def test_negative_control_the_other_ranks_kv_changes_the_answer(runs):
+    """The equality above can fail: with rank 0's KV planted as rank 1's, the engine loads every
+    full chunk and answers differently from the cache-off engine."""
+    wrong = runs["tp2"]["wrong"][0]
+    assert wrong["cached"] == 320
+    assert wrong["tokens"] != runs["off"]["ref"][0]["tokens"]
 
 
 def test_no_rank_stored_a_shard_computed_over_the_missing_kv(runs):

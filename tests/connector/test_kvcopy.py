@@ -20,6 +20,8 @@ import torch
 from kvpool.connector import kvcopy
 from kvpool.connector.paged import LAYOUTS, PagedLayout
 
+from ..needs import csrc_extension
+
 as_bytes = kvcopy.as_bytes
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -94,7 +96,7 @@ def make_cache(
 # Odd sizes everywhere: 3 layers, 11 blocks of 5 tokens, 3 heads of dim 12 (MLA: latent 12).
 SHAPE = {"layers": 3, "blocks": 11, "heads": 3, "block_tokens": 5, "head_dim": 12}
 COUNT = 4  # blocks per call
-EXT = pytest.mark.skipif(not kvcopy.extension_available(), reason=kvcopy.extension_status())
+EXT = csrc_extension()
 
 
 def make_chunk(cache: Cache, tokens: int, *, fill: int | None = None, seed: int = 1, **to) -> torch.Tensor:

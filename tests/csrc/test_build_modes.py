@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..needs import csrc_not_built
+
 BUILD = Path(__file__).resolve().parents[2] / "csrc" / "build.py"
 
 
@@ -94,7 +96,7 @@ def test_a_module_built_without_its_cuda_kernels_is_refused_when_cuda_was_asked_
     module = _load_build_module()
     monkeypatch.setattr(module, "_has_cuda_kernels", lambda path: False)
     if not sorted((module.ROOT / "connector").glob("_kvcopy*.so")):
-        pytest.skip("the extension is not built here (KVPOOL_BUILD_CSRC=0?)")
+        csrc_not_built()
     assert module._report(with_cuda=True) == 1
     assert module._report(with_cuda=False) == 0
 
@@ -104,7 +106,7 @@ def test_the_cpu_module_built_here_says_it_has_no_cuda_kernels():
     module = _load_build_module()
     built = module.ROOT / "connector" / f"_kvcopy{sysconfig.get_config_var('EXT_SUFFIX')}"
     if not built.exists():
-        pytest.skip("the extension is not built here (KVPOOL_BUILD_CSRC=0?)")
+        csrc_not_built()
     from kvpool.connector import kvcopy
 
     expected = kvcopy.extension_available() and kvcopy._ext.cuda_built()

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..needs import missing
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
 no_gpu_here = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -42,7 +44,7 @@ def test_the_scripts_parse_and_pass_shellcheck(script):
     path = ROOT / "scripts" / script
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     if shutil.which("shellcheck") is None:
-        pytest.skip("no shellcheck here (apt-get install shellcheck)")
+        missing("no shellcheck here (apt-get install shellcheck)")
     done = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
 

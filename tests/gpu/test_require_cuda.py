@@ -56,13 +56,28 @@ def test_unmarked_skip():
 
 
 def _run(tmp_path: Path, require: str | None) -> tuple[int, dict[str, str]]:
-    shutil.copy(CONFTEST, tmp_path / "conftest.py")
-    (tmp_path / "test_probes.py").write_text(PROBES)
+    probes = tmp_path / "tests"  # conftest.py imports its sibling needs.py (importlib import mode)
+    probes.mkdir()
+    for name in ("conftest.py", "needs.py"):
+        shutil.copy(CONFTEST.with_name(name), probes / name)
+    (probes / "test_probes.py").write_text(PROBES)
     env = {k: v for k, v in os.environ.items() if k != "KVPOOL_REQUIRE_CUDA"}
     if require is not None:
         env["KVPOOL_REQUIRE_CUDA"] = require
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rA",
+            "--import-mode=importlib",
+            "--rootdir",
+            str(tmp_path),
+            "tests",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -72,7 +87,7 @@ def _run(tmp_path: Path, require: str | None) -> tuple[int, dict[str, str]]:
     outcomes = dict(
         (name, word)
         for word, name in re.findall(
-            r"^(PASSED|FAILED|ERROR|XFAIL) test_probes\.py::(\w+)", done.stdout, re.M
+            r"^(PASSED|FAILED|ERROR|XFAIL) tests/test_probes\.py::(\w+)", done.stdout, re.M
         )
     )
     return done.returncode, {**outcomes, "_out": done.stdout}
@@ -95,7 +110,7 @@ def test_with_the_variable_a_skipped_cuda_test_fails(tmp_path):
     # a test for more GPUs than there are still skips where CUDA is, and fails where it is not
     many = out.get("test_needs_more_gpus_than_any_machine_here")
     assert many == (None if torch.cuda.is_available() else "FAILED"), out["_out"]
-    assert "SKIPPED [1] test_probes.py:32: not a CUDA test" in out["_out"]  # an unmarked skip stays one
+    assert "SKIPPED [1] tests/test_probes.py:32: not a CUDA test" in out["_out"]  # an unmarked skip stays one
 
 
 def test_other_values_do_not_require(tmp_path):

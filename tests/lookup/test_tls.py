@@ -17,9 +17,10 @@ from kvpool.cachenode.core.holders import HolderInfo
 from kvpool.cachenode.rpc.lookupproto import encode_hello
 from kvpool.cachenode.rpc.proto import lookup_pb2
 
+from ..needs import needs
 from .conftest import run_lookup
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+pytestmark = needs(shutil.which("openssl") is not None, "needs the openssl command (apt-get install openssl)")
 
 
 def test_lookup_over_tls(certs):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -253,17 +254,38 @@ def test_bad_metadata_and_descriptors_are_clear_errors(node):
         assert client.get(b"intact") == value
 
 
+def _bad_notifications(node) -> float:
+    """The node's count of notifications it ignored (forged or malformed), from /metrics."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=5).read().decode()
+    tag = 'kvpool_node_errors_total{kind="nixl_bad_notification"} '
+    return sum(float(ln.split()[-1]) for ln in body.splitlines() if ln.startswith(tag))
+
+
 def test_forged_release_notification_ends_nothing(node):
+    """A release with a wrong token and a garbage message end no lease. No sleep stands in for
+    "nothing happened": a valid release of a second lease, sent after them on the same link, is the
+    barrier (the node reads one peer's notifications in order), and the node has counted both."""
     with node.client() as client:
         client.put(b"forged", os.urandom(MiB))
+        client.put(b"barrier", os.urandom(MiB))
         link = route_of(client).link
         s = stub(node)
         lease = s.NixlGet(pb.NixlGetRequest(keys=[b"forged"], agent_name=link.node_agent))
+        barrier = s.NixlGet(pb.NixlGetRequest(keys=[b"barrier"], agent_name=link.node_agent))
+        assert node.stats()["pinned_bytes"] == 2 * MiB
+        bad = _bad_notifications(node)
         with link.agent.lock:
             link.agent.agent.send_notif(link.node_agent, release_message(lease.lease_id, lease.token + 1))
             link.agent.agent.send_notif(link.node_agent, b"something else entirely")
-        time.sleep(0.5)
-        assert node.stats()["pinned_bytes"] == MiB  # still held
+            link.agent.agent.send_notif(link.node_agent, release_message(barrier.lease_id, barrier.token))
+        deadline = time.monotonic() + 10
+        while (
+            node.stats()["pinned_bytes"] > MiB or _bad_notifications(node) < bad + 2
+        ) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _bad_notifications(node) == bad + 2  # both forged messages were read and ignored
+        stats = node.stats()
+        assert (stats["pinned_bytes"], stats["leases"]) == (MiB, 1)  # the barrier ended; the forged one held
         with link.agent.lock:
             link.agent.agent.send_notif(link.node_agent, release_message(lease.lease_id, lease.token))
         assert node.wait_unpinned(timeout=5)["pinned_bytes"] == 0

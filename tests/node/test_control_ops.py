@@ -23,6 +23,8 @@ from kvpool.cachenode.core.settings import NodeSettings
 from kvpool.cachenode.rpc import dataproto as dp
 from kvpool.cachenode.server.node import CacheNode
 
+from ..needs import needs
+
 MAX_BATCH_KEYS = 64
 VALUE = 4096
 
@@ -270,7 +272,7 @@ def test_the_node_refuses_control_ops_it_was_not_offered(node):
     f.close()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@needs(shutil.which("openssl") is not None, "needs the openssl command (apt-get install openssl)")
 def test_control_ops_over_tls(certs, monkeypatch):
     from kvpool.cachenode.rpc.tls import load_server_tls
 

@@ -6,7 +6,9 @@ this machine's install, nothing downloaded but this Python's wheel of each EXTRA
 entry, from pip's cache). A real `kvpool node` runs from the full install; one runner process in the bare environment, with
 only the payload on PYTHONPATH, imports the connector, then builds an engine without the connector
 and one with it: the second stores chunks in the node and loads them back, and every greedy output
-(32 tokens) equals the output without the connector. Only CPython 3.11 has vLLM here: the other
+(32 tokens) equals the output without the connector. A negative control shows that comparison can
+fail: the first prompt's real KV, planted under the keys of a prompt no engine computed, is loaded
+and changes the answer. Only CPython 3.11 has vLLM here: the other
 Pythons vLLM 0.32 supports are covered by compiling the payload with each one installed (syntax)
 and by the per-ABI wheels the image carries, not by an engine run.
 """
@@ -146,16 +148,21 @@ def node() -> Iterator[int]:
 def engines(built: dict[str, pathlib.Path], node: int) -> dict:
     """One runner process in the vLLM-only Python: the import probe, an engine without the connector,
     then one with it that sees the same prompt twice."""
-    from ..connector.enginetools import ids, tiny_model
+    from kvpool.connector.keys import chunk_keys
+
+    from ..connector.enginetools import fingerprints, ids, payload, plant, tiny_model
 
     tmp = built["tmp"]
     model = tiny_model(tmp / "tiny-llama")
     prompts = [ids(600, seed=14), ids(300, seed=15)]
+    wrong = ids(300, seed=16)  # the negative control: the first prompt's chunk 0 is planted under its key
     spec = {"model": model, "out": str(tmp / "out.json"), "engines": [
-        {"connector": False, "max_tokens": 32, "steps": [{"name": "plain", "prompts": prompts}]},
+        {"connector": False, "max_tokens": 32, "steps": [{"name": "plain", "prompts": prompts},
+                                                        {"name": "plain-wrong", "prompts": [wrong]}]},
         {"connector": True, "extra": {"url": f"grpc://127.0.0.1:{node}"}, "max_tokens": 32,
          "steps": [{"name": "first", "prompts": prompts},
-                   {"name": "again", "prompts": prompts, "pause": [str(tmp / "ready"), str(tmp / "go")]}]},
+                   {"name": "again", "prompts": prompts, "pause": [str(tmp / "ready"), str(tmp / "go")]},
+                   {"name": "wrong", "prompts": [wrong]}]},
     ]}  # fmt: skip
     (tmp / "spec.json").write_text(json.dumps(spec))
     with open(tmp / "engine.log", "w") as log:
@@ -170,6 +177,9 @@ def engines(built: dict[str, pathlib.Path], node: int) -> dict:
             with Client(f"grpc://127.0.0.1:{node}", transport="grpc") as client:
                 while client.stats()["tiers"]["memory"]["entries"] < 3 and time.monotonic() < deadline:
                     time.sleep(0.1)
+                fp = fingerprints((tmp / "engine.log").read_text())[(0, 0)]
+                source, target = chunk_keys(fp, prompts[0])[0], chunk_keys(fp, wrong)[0]
+                plant(client, fp, target, payload(fp, source, client.get(source)))  # well-formed, wrong KV
             (tmp / "go").touch()
             rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         finally:
@@ -210,4 +220,7 @@ def test_engine_with_the_payload_equals_the_engine_without_it(engines: dict) -> 
         )  # the cache never changes an answer
     for got, want in zip(connector["first"], plain["plain"], strict=True):
         assert got["cached"] == 0 and got["tokens"] == want["tokens"]
+    # the negative control: the planted chunk was loaded, and the answer is not the cache-off one
+    (got,), (want,) = connector["wrong"], plain["plain-wrong"]
+    assert got["cached"] == 256 and got["tokens"] != want["tokens"]
     assert "Retrieved 512 of 600 tokens" in engines["log"], engines["log"][-4000:]

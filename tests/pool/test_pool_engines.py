@@ -3,14 +3,15 @@ node list in another order: the second engine loads what the first stored, from 
 holds each chunk, and every greedy output equals the cache-off output.
 
 Three engine starts in two processes (the slow part): A stores; then B and a cache-off engine
-run in one process. Prefix caching is off, so cached tokens can only come from the pool.
+run in one process. Prefix caching is off, so cached tokens can only come from the pool. A
+negative control shows the comparison can fail: P1's real KV, planted under the keys of W (a
+prompt no engine computed), is loaded by B and changes its answer.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.connector.keys import ModelFingerprint, chunk_keys
+from kvpool.connector.keys import chunk_keys
 
-from ..connector.enginetools import tiny_model
+from ..connector.enginetools import fingerprints, payload, plant, tiny_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,6 +39,8 @@ def _ids(n: int, seed: int) -> list[int]:
 
 PROMPTS = {"P1": _ids(330, 31), "P2": _ids(330, 32), "P3": _ids(200, 33)}
 STEPS = [{"name": name, "prompts": [ids]} for name, ids in PROMPTS.items()]
+P_W = _ids(200, 34)  # the negative control: 3 chunks of P1's KV are planted under its keys
+STEPS_W = [*STEPS, {"name": "W", "prompts": [P_W]}]
 LOADABLE = {"P1": 320, "P2": 320, "P3": 192}  # full 64-token chunks
 
 
@@ -64,12 +67,16 @@ def test_two_engines_share_a_three_node_pool(pool, tmp_path):
         tmp_path,
         "A",
     )
+    fp = fingerprints((tmp_path / "A.log").read_text())[(0, 0)]  # as engine A's scheduler logged it
+    with Client(pool.urls()) as client:  # well-formed (key, header, checksum), wrong KV
+        for source, target in zip(chunk_keys(fp, PROMPTS["P1"]), chunk_keys(fp, P_W), strict=False):
+            plant(client, fp, target, payload(fp, source, client.get(source)))
     b, base = _run(
         {
             "model": model,
             "engines": [
-                {"extra": {**remote, "url": pool.urls([2, 0, 1])}, "steps": STEPS},
-                {"connector": False, "steps": STEPS},
+                {"extra": {**remote, "url": pool.urls([2, 0, 1])}, "steps": STEPS_W},
+                {"connector": False, "steps": STEPS_W},
             ],
         },
         tmp_path,
@@ -79,17 +86,13 @@ def test_two_engines_share_a_three_node_pool(pool, tmp_path):
         assert a[name][0]["cached"] == 0, name  # A found nothing: it computed and stored
         assert b[name][0]["cached"] == LOADABLE[name], name  # B loaded every full chunk
         assert a[name][0]["tokens"] == b[name][0]["tokens"] == base[name][0]["tokens"], name
+    # the negative control: B loaded the planted chunks, and its answer is not the cache-off one
+    assert b["W"][0]["cached"] == 192 and b["W"][0]["tokens"] != base["W"][0]["tokens"]
     # the chunks are spread over the nodes, each on the node rendezvous hashing names
-    # The fingerprint as engine A's scheduler logged it (it names the attention backend and more).
-    logged = re.search(
-        r"chunk keys of tp0/pp0 use fingerprint [0-9a-f]+ (\{.*\})", (tmp_path / "A.log").read_text()
-    )
-    assert logged, "engine A logged no fingerprint"
-    fp = ModelFingerprint(**json.loads(logged.group(1)))
     assert fp.chunk_size == C
     keys = [k for ids in PROMPTS.values() for k in chunk_keys(fp, ids)]
     with Client(nodes[0].url) as client:
         assert client.prefix_hits(keys) == len(keys) == 13
         per_node = {n: s["tiers"]["memory"]["entries"] for n, s in client.stats()["nodes"].items()}
-    assert sum(per_node.values()) == len(keys)
+    assert sum(per_node.values()) == len(keys) + 3  # and W's 3 planted chunks
     assert sum(1 for count in per_node.values() if count) >= 2, per_node

