@@ -110,6 +110,9 @@ class DataServer(ConnectionListener):
         conn.sendall(dp.encode_status(dp.STATUS_BUSY, 0, "too many data connections"))
         metrics.ERRORS.labels("data_busy").inc()
 
+    def _late_hello(self, count: int) -> None:
+        metrics.ERRORS.labels("data_late_hello").inc(count)
+
     def _serve(self, raw: socket.socket, peer) -> None:
         tune_socket(raw)
         conn = raw
@@ -128,6 +131,7 @@ class DataServer(ConnectionListener):
             conn.settimeout(TRANSFER_TIMEOUT_S)
             if not self._handshake(conn, rfile):
                 return
+            self._proven(raw)
             while not self._stopping.is_set():
                 conn.settimeout(IDLE_TIMEOUT_S)
                 header = rfile.read(dp.REQUEST_STRUCT.size)

@@ -73,6 +73,9 @@ class QueryChannel(ConnectionListener):
         conn.sendall(lp.encode_status(lp.STATUS_INTERNAL, 0, "too many query connections"))
         metrics.ERRORS.labels("query_busy").inc()
 
+    def _late_hello(self, count: int) -> None:
+        metrics.ERRORS.labels("query_late_hello").inc(count)
+
     # -- one connection --------------------------------------------------------------------
     def _serve(self, raw: socket.socket, peer) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -84,6 +87,7 @@ class QueryChannel(ConnectionListener):
             if self._tls is not None:
                 conn = self._tls.context.wrap_socket(raw, server_side=True)
             if self._handshake(conn):
+                self._proven(raw)
                 self._answer(conn)
         except lp.FrameError as exc:
             metrics.ERRORS.labels("query_bad_frame").inc()
