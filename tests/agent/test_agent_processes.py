@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -130,3 +131,32 @@ def test_a_restarted_lookup_service_rebuilds_its_index_from_the_agents_and_nodes
         with b.client() as cb:
             assert cb.get_many(list(data)) == data
         assert agent_stats(b)["agent"]["sources"]["fetched"] == {"peer": 4, "pool": 0}  # found A again
+
+
+def test_agents_serve_from_their_arenas_and_the_nodes_while_the_lookup_service_stays_down(cluster) -> None:
+    """Issue 22, item 5: the lookup service SIGKILLed and left down. Nothing fails: an agent that
+    cannot ask where a chunk is fetches it from the cache nodes, and every agent keeps serving and
+    admitting its own chunks."""
+    with kvpool_lookup("--holder-lease", "2", "--rebuild-window", "0") as lookup:
+        n0 = cluster.node("n0", lookup=lookup.url)
+        a = cluster.agent("agent-a", lookup=lookup.url, pool=n0.url)
+        b = cluster.agent("agent-b", lookup=lookup.url, pool=n0.url)
+        data = chunks("no-lookup", 4)
+        with a.client() as ca:
+            assert ca.put_many(data) == 4
+        with Client(n0.url, timeout=5) as nodes:
+            wait_until(lambda: nodes.get_many(list(data)) == data, what="write-through", logs=cluster.logs)
+        lookup.proc.kill()
+        lookup.proc.wait(timeout=10)
+    with b.client() as cb:
+        started = time.monotonic()
+        got = cb.get_many(list(data))
+        assert time.monotonic() - started < 10  # a refused lookup costs no wait (10 s: a loaded CI)
+        assert got == data  # 0 wrong bytes, no error
+        assert agent_stats(b)["agent"]["sources"]["fetched"] == {"peer": 0, "pool": 4}  # from the node
+        assert cb.get_many(list(data)) == data  # now from B's own arena
+    more = chunks("no-lookup-more", 2)
+    with a.client() as ca:
+        assert ca.get_many(list(data)) == data  # A's arena, as before
+        assert ca.put_many(more) == 2  # and A admits new chunks with no index to tell
+        assert ca.get_many(list(more)) == more
