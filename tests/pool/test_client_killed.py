@@ -1,4 +1,5 @@
-"""A client process killed mid-transfer on the TCP data channel (issue 22, item 5): the node
+"""A client process killed mid-transfer on the TCP data channel or a gRPC Put stream (issue 22,
+item 5): the node
 ends the lease when it expires, frees the half-received value's memory, never shows that value,
 and serves the next client as before. (The NIXL variant: tests/nixl/test_nixl_processes.py.)"""
 
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from kvpool.cachenode import Client
 
@@ -27,7 +30,8 @@ def stats(url: str) -> dict:
         return c.stats()
 
 
-def test_a_client_killed_mid_put_leaves_no_pin_no_memory_and_no_value(pool):
+@pytest.mark.parametrize("how", ["data", "grpc"])
+def test_a_client_killed_mid_put_leaves_no_pin_no_memory_and_no_value(pool, how):
     node = pool.start(pool.add())
     value = os.urandom(2 * MiB)
     with Client(node.url, timeout=5) as c:
@@ -35,7 +39,7 @@ def test_a_client_killed_mid_put_leaves_no_pin_no_memory_and_no_value(pool):
     base = stats(node.url)
     assert base["pinned_bytes"] == 0
     proc = subprocess.Popen(
-        [sys.executable, "-P", DEAD_CLIENT, node.url, KEY.decode(), str(LEASE_MS)],
+        [sys.executable, "-P", DEAD_CLIENT, node.url, KEY.decode(), str(LEASE_MS), how],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
