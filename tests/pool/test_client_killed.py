@@ -1,7 +1,7 @@
 """A client process killed mid-transfer on the TCP data channel or a gRPC Put stream (issue 22,
-item 5): the node
-ends the lease when it expires, frees the half-received value's memory, never shows that value,
-and serves the next client as before. (The NIXL variant: tests/nixl/test_nixl_processes.py.)"""
+item 5): the node ends the lease when it expires, frees the half-received value's memory, never
+shows that value, and serves the next client as before. (The NIXL variant:
+tests/nixl/test_nixl_processes.py.)"""
 
 from __future__ import annotations
 
