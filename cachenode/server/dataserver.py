@@ -25,6 +25,7 @@ from kvpool.cachenode.core.validation import check_value_size
 from kvpool.cachenode.rpc import dataproto as dp
 from kvpool.cachenode.server import control
 from kvpool.cachenode.server.listener import ConnectionListener
+from kvpool.cachenode.server.tiers.store import drain
 
 if TYPE_CHECKING:
     from kvpool.cachenode.rpc.tls import ServerTLS
@@ -260,8 +261,9 @@ class DataServer(ConnectionListener):
                 metrics.ERRORS.labels("data_put_outside_arena").inc()
             _read_into(conn, rfile, memoryview(value).cast("B"))  # cut off: nothing becomes visible
             items.append((key, value))
-        self._store.put_many(items)
-        conn.sendall(dp.encode_status(dp.STATUS_OK, len(items)))
+        count = len(items)
+        self._store.put_many(drain(items))
+        conn.sendall(dp.encode_status(dp.STATUS_OK, count))
         _PUT_REQUESTS.inc()
         _BYTES_IN.inc(total)
         _PUT_LATENCY.observe(time.perf_counter() - started)

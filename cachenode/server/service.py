@@ -19,6 +19,7 @@ from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
 from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.cachenode.rpc.status import abort
 from kvpool.cachenode.server import control
+from kvpool.cachenode.server.tiers.store import drain
 
 if TYPE_CHECKING:
     from kvpool.cachenode.core.settings import NodeSettings
@@ -154,7 +155,9 @@ class CacheNodeService(pb_grpc.CacheNodeServicer):
         except InvalidRequest as exc:
             metrics.ERRORS.labels("grpc_invalid").inc()
             abort(context, exc)
-        self._store.put_many(list(zip(keys, buffers, strict=True)))  # the store owns the buffers now
+        pairs = list(zip(keys, buffers, strict=True))
+        buffers.clear()
+        self._store.put_many(drain(pairs))  # the store owns the buffers now
         metrics.REQUESTS.labels("put", "grpc").inc()
         metrics.BYTES_IN.labels("grpc").inc(total)
         metrics.LATENCY.labels("put").observe(time.perf_counter() - started)
