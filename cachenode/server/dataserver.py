@@ -25,7 +25,7 @@ from kvpool.cachenode.core.validation import check_value_size
 from kvpool.cachenode.rpc import dataproto as dp
 from kvpool.cachenode.server import control
 from kvpool.cachenode.server.listener import ConnectionListener
-from kvpool.cachenode.server.tiers.store import drain
+from kvpool.cachenode.server.tiers.memory import drain
 
 if TYPE_CHECKING:
     from kvpool.cachenode.rpc.tls import ServerTLS

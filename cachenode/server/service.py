@@ -19,7 +19,7 @@ from kvpool.cachenode.rpc.proto import kvpool_pb2 as pb
 from kvpool.cachenode.rpc.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.cachenode.rpc.status import abort
 from kvpool.cachenode.server import control
-from kvpool.cachenode.server.tiers.store import drain
+from kvpool.cachenode.server.tiers.memory import drain
 
 if TYPE_CHECKING:
     from kvpool.cachenode.core.settings import NodeSettings

@@ -14,7 +14,7 @@ import pytest
 from kvpool.cachenode.client.connection import ConnectOptions, NodeConnection
 from kvpool.cachenode.core.settings import NodeSettings
 from kvpool.cachenode.server.node import CacheNode
-from kvpool.cachenode.server.tiers.store import drain
+from kvpool.cachenode.server.tiers.memory import drain
 
 MiB = 1 << 20
 

@@ -198,7 +198,7 @@ class TieredStore:
 
     def put_many(self, items: Mapping[bytes, object] | Iterable[tuple[bytes, object]]) -> int:
         """Put each pair; returns how many were taken by some tier. A request's received values
-        come through ``drain``: see there why."""
+        come through ``memory.drain``: see there why."""
         pairs = items.items() if isinstance(items, Mapping) else items
         return sum(self.put(key, value) for key, value in pairs)
 
@@ -494,14 +494,3 @@ class TieredStore:
             metrics.TIER_HITS.labels(tier).inc(hits)
         if export and misses:
             metrics.TIER_MISSES.labels(tier).inc(misses)
-
-
-def drain(pairs: list[tuple[bytes, object]]) -> Iterator[tuple[bytes, object]]:
-    """Yield the pairs of a received put request from the front, dropping the list's reference to
-    each as it goes. A request larger than L1 received its first values into L1 ranges and the
-    rest elsewhere; storing a later value evicts an earlier one, and an evicted range returns to
-    the arena only once nothing refers to it: were the request's list still holding the earlier
-    values, every eviction would free nothing and the request would leave L1 empty."""
-    pairs.reverse()
-    while pairs:
-        yield pairs.pop()
