@@ -37,21 +37,16 @@ class _Hello(pb_grpc.CacheNodeServicer):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "no members here")
 
 
-class LyingNode:
-    """`answer` is called for every request read off a data connection (after a proper hello);
-    it may be swapped at any time."""
+class LyingServer:
+    """What every lying server shares: a real gRPC server for its Hello (``add_servicer(server,
+    tcp_port)`` registers it) and a TCP listener whose connections ``_serve`` answers."""
 
-    def __init__(
-        self, answer: Answer, features: int = dp.FEATURE_CONTROL, max_value_size: int = MAX_VALUE
-    ) -> None:
-        self.answer = answer
-        self.features = features
-        self.requests = 0
+    def __init__(self, add_servicer: Callable[[grpc.Server, int], None], workers: int = 4) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.data_port = self._listener.getsockname()[1]
         self._conns: list[socket.socket] = []
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(4))
-        pb_grpc.add_CacheNodeServicer_to_server(_Hello(self.data_port, max_value_size), self._grpc)
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(workers))
+        add_servicer(self._grpc, self.data_port)
         self.port = self._grpc.add_insecure_port("127.0.0.1:0")
         self._grpc.start()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -68,7 +63,7 @@ class LyingNode:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
-    def __enter__(self) -> LyingNode:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,6 +77,24 @@ class LyingNode:
                 return
             self._conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class LyingNode(LyingServer):
+    """`answer` is called for every request read off a data connection (after a proper hello);
+    it may be swapped at any time."""
+
+    def __init__(
+        self, answer: Answer, features: int = dp.FEATURE_CONTROL, max_value_size: int = MAX_VALUE
+    ) -> None:
+        self.answer = answer
+        self.features = features
+        self.requests = 0
+        super().__init__(
+            lambda server, port: pb_grpc.add_CacheNodeServicer_to_server(_Hello(port, max_value_size), server)
+        )
 
     def _serve(self, conn: socket.socket) -> None:
         f = conn.makefile("rb")

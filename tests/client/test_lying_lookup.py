@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 import tracemalloc
-from concurrent import futures
 
-import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,6 +24,7 @@ from kvpool.cachenode.rpc.proto import lookup_pb2 as pb
 from kvpool.cachenode.rpc.proto import lookup_pb2_grpc as pb_grpc
 
 from ..fuzz.profiles import socket_examples
+from .liar import LyingServer
 
 TIMEOUT_S = 1.0
 MARGIN_S = 0.75
@@ -43,41 +41,12 @@ class _Hello(pb_grpc.LookupServicer):
         return pb.LookupHelloResponse(query_port=self.query_port, query_token=TOKEN, max_query_keys=512)
 
 
-class LyingLookup:
+class LyingLookup(LyingServer):
     """A gRPC Hello and a query channel whose replies `answer(sock, request)` writes."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._conns: list[socket.socket] = []
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(2))
-        pb_grpc.add_LookupServicer_to_server(_Hello(self._listener.getsockname()[1]), self._grpc)
-        self.url = f"grpc://127.0.0.1:{self._grpc.add_insecure_port('127.0.0.1:0')}"
-        self._grpc.start()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self._grpc.stop(0)
-        self._listener.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def __enter__(self) -> LyingLookup:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(lambda server, port: pb_grpc.add_LookupServicer_to_server(_Hello(port), server), 2)
 
     def _serve(self, conn: socket.socket) -> None:
         f = conn.makefile("rb")
