@@ -66,7 +66,9 @@ class KVPoolConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None
     ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        self.settings = s = load_settings(self._kv_transfer_config.kv_connector_extra_config)
+        self.settings = s = load_settings(
+            self._kv_transfer_config.kv_connector_extra_config, kv_role=self._kv_transfer_config.kv_role
+        )
         pc, block_size = vllm_config.parallel_config, vllm_config.cache_config.block_size
         refusals = engine_refusals(engine_shape(vllm_config, kv_cache_config, s))
         tp_rank = pp_rank = None

@@ -67,9 +67,22 @@ _KEPT_AS_TEXT = ("disk_dir", "auth_token_file")
 """Paths the connector keeps as they were written (its parser checks them)."""
 
 
-def load_settings(extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> ConnectorSettings:
+ROLES: dict[str, tuple[bool, bool] | None] = {
+    "kv_both": None,
+    "kv_producer": (False, True),
+    "kv_consumer": (True, False),
+}
+"""vLLM's ``kv_role`` → (load, save): a prefill engine (producer) stores and never loads, a decode
+engine (consumer) loads and never stores; kv_both leaves both to the `load` and `save` settings
+(docs/connector.md, *Roles*)."""
+
+
+def load_settings(
+    extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None, kv_role: str | None = None
+) -> ConnectorSettings:
     """The connector's settings from extra_config, else `env` (default: this process's), else the
-    registry's defaults; ValueError names the setting that is wrong."""
+    registry's defaults, then `kv_role` (None: as kv_both); ValueError names the setting that is
+    wrong, or the one that contradicts the role."""
     env = os.environ if env is None else env
     extra = extra or {}
     values: dict[str, Any] = {}
@@ -85,11 +98,32 @@ def load_settings(extra: Mapping[str, Any] | None, env: Mapping[str, str] | None
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         values[name] = str(raw) if name in _KEPT_AS_TEXT else value
+    if kv_role is not None:
+        values.update(_role_sides(kv_role, values))
     settings = ConnectorSettings(**values)
     if settings.disk_dir and not settings.disk_size:
         settings = dataclasses.replace(settings, disk_size=DEFAULT_EMBEDDED_DISK_SIZE)
     settings.validate()
     return settings
+
+
+def _role_sides(kv_role: str, given: Mapping[str, Any]) -> dict[str, bool]:
+    """`load` and `save` as the role sets them; a value the user gave that the role contradicts
+    is refused rather than silently overridden (a producer told to load was meant to be kv_both)."""
+    if kv_role not in ROLES:
+        raise ValueError(f"kv_role: {kv_role!r} is not one of {', '.join(ROLES)}")
+    if ROLES[kv_role] is None:
+        return {}
+    sides = dict(zip(("load", "save"), ROLES[kv_role], strict=True))
+    for name, wanted in sides.items():
+        if name in given and given[name] != wanted:
+            raise ValueError(
+                f"{name}: {str(given[name]).lower()} contradicts kv_role {kv_role!r}, which "
+                f"{'loads' if sides['load'] else 'never loads'} and "
+                f"{'stores' if sides['save'] else 'never stores'} KV (set by kv_connector_extra_config "
+                f"or {SETTINGS[name].env}); remove it or use kv_role 'kv_both'"
+            )
+    return sides
 
 
 def loads_async(s: ConnectorSettings) -> bool:
