@@ -116,6 +116,16 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
         **_CONNECTOR,
     ),
     Setting(
+        "announced_wait_ms",
+        1000.0,
+        "Disaggregated prefill: how long a request whose prefill engine announced chunks (in its "
+        "kv_transfer_params) waits for the pool to hold them before computing what is missing "
+        "(0 = no wait; docs/disaggregated.md).",
+        float,
+        kind="number",
+        **_CONNECTOR,
+    ),
+    Setting(
         "save_buffer",
         "1GiB",
         "Host bytes (pinned on GPUs) for chunks copied out and not yet written.",

@@ -34,6 +34,7 @@ class ConnectorSettings:
     )  # synchronous loads: scatter layer i just before layer i's attention
     load_async: str = default("load_async")  # "auto" (remote pools: yes; embedded pool: no), "true", "false"
     lookup_wait_ms: float = default("lookup_wait_ms")  # the most the scheduler waits for a lookup
+    announced_wait_ms: float = default("announced_wait_ms")  # wait for a producer's announced chunks
     save_buffer: int = default(
         "save_buffer"
     )  # host bytes (pinned on GPUs) for chunks copied out, not yet written
@@ -56,6 +57,8 @@ class ConnectorSettings:
             raise ValueError("load_failure_policy must be 'recompute' or 'fail'")
         if not 0 <= self.lookup_wait_ms <= 1000:
             raise ValueError("lookup_wait_ms must be between 0 and 1000")
+        if not 0 <= self.announced_wait_ms <= 600_000:
+            raise ValueError("announced_wait_ms must be between 0 and 600000")
         if self.save_buffer < 0:
             raise ValueError("save_buffer must not be negative")
         if not 0 <= self.shutdown_flush_ms <= 600_000:
