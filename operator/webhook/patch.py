@@ -7,7 +7,8 @@ what this returns. An opted-in vLLM pod gets, without an image rebuild:
   which the vLLM container mounts and finds on `PYTHONPATH`;
 - the agent `kvpool-agent` as a native sidecar (an init container with `restartPolicy: Always`)
   whose shared-memory arena lives in the memory-backed volume `kvpool-arena`, mounted into vLLM too;
-- on the vLLM container: `--kv-transfer-config` naming KVPoolConnector by module path, and only the
+- on the vLLM container: `--kv-transfer-config` naming KVPoolConnector by module path (kv_role from
+  the annotation `kvpool.io/kv-role`, `both` by default), and only the
   client settings (`KVPOOL_URL`, `KVPOOL_CHUNK_SIZE`, the token by Secret reference, the CA);
   `--shutdown-timeout` too when the container sets none (``shutdown_timeout_args``);
 - the pool's `imagePullSecrets` the pod lacks (the injected containers run the pool's image).
@@ -45,6 +46,10 @@ POOL_ANNOTATION = "kvpool.io/pool"
 CONTAINER_ANNOTATION = "kvpool.io/container"
 INJECTED_ANNOTATION = "kvpool.io/injected"
 SKIP_ANNOTATION = "kvpool.io/skip-reason"
+ROLE_ANNOTATION = "kvpool.io/kv-role"
+ROLES = {"both": "kv_both", "producer": "kv_producer", "consumer": "kv_consumer"}
+"""The annotation's values → vLLM's kv_role: disaggregated prefill runs prefill pods as producers
+(they store and never load) and decode pods as consumers (docs/disaggregated.md)."""
 
 CONNECTOR = {
     "kv_connector": "KVPoolConnector",
@@ -102,6 +107,16 @@ def pool_reference(pod: dict[str, Any], namespace: str) -> tuple[str, str]:
     if not name or "/" in ns:
         raise Skip(f"{POOL_ANNOTATION} {ref!r} is not a pool name or namespace/name")
     return ns or namespace, name
+
+
+def kv_role(pod: dict[str, Any]) -> str:
+    """vLLM's kv_role for the pod's connector: `both` unless the role annotation says otherwise
+    (vLLM's own names, e.g. `kv_producer`, are taken too)."""
+    value = annotations(pod).get(ROLE_ANNOTATION, "both").strip()
+    role = ROLES.get(value) or (value if value in ROLES.values() else None)
+    if role is None:
+        raise Skip(f"{ROLE_ANNOTATION} {value!r} is not one of {', '.join(ROLES)}")
+    return role
 
 
 def _annotate(
@@ -361,6 +376,7 @@ def _inject(pod: dict[str, Any], s: PoolSettings, pool_ref: str) -> list[dict[st
     container = spec["containers"][index]
     name = container.get("name", "?")
     _check_command(cmd, name, s)
+    role = kv_role(pod)
 
     taken_volumes = {v.get("name") for v in spec.get("volumes") or []}
     taken_init = {c.get("name") for c in spec.get("initContainers") or []}
@@ -404,7 +420,7 @@ def _inject(pod: dict[str, Any], s: PoolSettings, pool_ref: str) -> list[dict[st
         [
             *shutdown_timeout_args(cmd, spec),
             "--kv-transfer-config",
-            json.dumps(CONNECTOR, separators=(",", ":")),
+            json.dumps({**CONNECTOR, "kv_role": role}, separators=(",", ":")),
         ],
     )
     ops += _annotate(pod, {INJECTED_ANNOTATION: pool_ref}, remove=(SKIP_ANNOTATION,))
