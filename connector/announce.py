@@ -16,6 +16,12 @@ consumer that finds fewer than N chunks asks again every ``POLL_S`` until ``anno
 has passed since its first lookup, then loads what is there and computes the rest: a producer
 that died before its chunks were stored costs the consumer that bound, never a wrong answer.
 
+Some routers do not carry ``kv_transfer_params`` to the decode request (the production-stack
+router's disaggregated mode sends the prompt plus the prefill's first token instead). A
+``kv_consumer`` engine's requests are all prefilled elsewhere first, so a request of one without an
+announcement waits, within the same bound, for every full chunk of its prompt but the last token
+(`expected`); `UnannouncedWaits` turns that off while the producers' chunks never match.
+
 Pure logic: parsing and deciding, no pool and no engine.
 """
 
@@ -75,10 +81,45 @@ def applies(ann: Announcement, keys: list[bytes]) -> bool:
     return ann.chunks <= len(keys) and keys[ann.chunks - 1] == ann.key
 
 
-def keep_waiting(ann: Announcement | None, found: int, limit: int, waited_s: float, bound_s: float) -> bool:
-    """Whether a consumer that found ``found`` chunks asks again rather than loading them: the
-    producer announced more (no more than the request may load, ``limit``) and the bound has not
-    passed since the first lookup."""
-    if ann is None:
-        return False
-    return found < min(ann.chunks, limit) and waited_s < bound_s
+def expected(
+    ann: Announcement | None, keys: list[bytes], prompt_tokens: int, chunk: int, consumer: bool
+) -> int:
+    """The chunks a request waits for: what its producer announced when the announcement is of
+    these very keys; for a consumer's request without one (a router that does not forward
+    ``kv_transfer_params``, such as one that sends the prompt plus the prefill's first token), the
+    full chunks of all but its last token; 0: none (an announcement of other keys, or kv_both)."""
+    if ann is not None:
+        return ann.chunks if applies(ann, keys) else 0
+    return min(len(keys), max(0, prompt_tokens - 1) // chunk) if consumer else 0
+
+
+class UnannouncedWaits:
+    """A consumer stops waiting for requests without an announcement once several in a row found
+    none of their chunks after the whole bound: its producers key chunks differently (another
+    parallelism, chunk size or model), and waiting would cost every request the bound. The first
+    request that finds a chunk turns waiting back on."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit = limit
+        self.empty_in_a_row = 0
+
+    @property
+    def on(self) -> bool:
+        return self.empty_in_a_row < self.limit
+
+    def waited(self, found: int) -> bool:
+        """Record a request that waited out the bound having found ``found`` chunks; True when
+        this turned waiting off."""
+        was_on = self.on
+        self.empty_in_a_row = 0 if found else self.empty_in_a_row + 1
+        return was_on and not self.on
+
+    def found(self) -> None:
+        self.empty_in_a_row = 0
+
+
+def keep_waiting(expect: int, found: int, limit: int, waited_s: float, bound_s: float) -> bool:
+    """Whether a request that found ``found`` chunks asks again rather than loading them: it
+    expects more (no more than it may load, ``limit``) and the bound has not passed since its
+    first lookup."""
+    return found < min(expect, limit) and waited_s < bound_s

@@ -74,9 +74,38 @@ def test_an_announcement_of_another_engine_or_prompt_does_not_apply():
         (0, 8, 1.0, False),  # the bound passed: compute the rest
     ],
 )
-def test_a_consumer_waits_for_announced_chunks_within_the_bound(found, limit, waited, wait):
-    assert announce.keep_waiting(Announcement(5, KEYS[4]), found, limit, waited, bound_s=1.0) is wait
+def test_a_consumer_waits_for_expected_chunks_within_the_bound(found, limit, waited, wait):
+    assert announce.keep_waiting(5, found, limit, waited, bound_s=1.0) is wait
 
 
-def test_no_announcement_no_wait():
-    assert announce.keep_waiting(None, 0, 8, 0.0, bound_s=1.0) is False
+def test_nothing_expected_no_wait():
+    assert announce.keep_waiting(0, 0, 8, 0.0, bound_s=1.0) is False
+
+
+@pytest.mark.parametrize(
+    ("ann", "tokens", "consumer", "expect"),
+    [
+        (Announcement(5, KEYS[4]), 300, False, 5),  # announced, any role that loads
+        (Announcement(5, KEYS[4]), 300, True, 5),
+        (Announcement(5, bytes(32)), 300, True, 0),  # of other keys: never waited for
+        (None, 8 * 32, True, 7),  # unannounced consumer: all but the last token's chunk
+        (None, 8 * 32 + 1, True, 8),  # the prompt plus the prefill's first token
+        (None, 8 * 32 + 20, True, 8),
+        (None, 10, True, 0),
+        (None, 300, False, 0),  # kv_both without an announcement: a plain lookup
+    ],
+)
+def test_what_a_request_expects(ann, tokens, consumer, expect):
+    assert announce.expected(ann, KEYS, tokens, 32, consumer) == expect
+
+
+def test_unannounced_waits_stop_after_empty_waits_in_a_row_and_resume_on_a_find():
+    waits = announce.UnannouncedWaits(limit=3)
+    assert waits.on
+    assert not waits.waited(found=0) and not waits.waited(found=2)  # a find resets the count
+    assert not waits.waited(found=0) and not waits.waited(found=0)
+    assert waits.on
+    assert waits.waited(found=0)  # the third empty wait in a row turns waiting off, once
+    assert not waits.on and not waits.waited(found=0)
+    waits.found()
+    assert waits.on

@@ -118,9 +118,9 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "announced_wait_ms",
         1000.0,
-        "Disaggregated prefill: how long a request whose prefill engine announced chunks (in its "
-        "kv_transfer_params) waits for the pool to hold them before computing what is missing "
-        "(0 = no wait; docs/disaggregated.md).",
+        "Disaggregated prefill: how long a request waits for the chunks its prefill engine stores "
+        "(those announced in its kv_transfer_params; on a kv_consumer without one, every full "
+        "prompt chunk) before computing what is missing (0 = no wait; docs/disaggregated.md).",
         float,
         kind="number",
         **_CONNECTOR,
