@@ -78,7 +78,7 @@ from .options import PORT, log_level_option, option
     type=PORT,
     default=8081,
     show_default=True,
-    help="HTTP port of the operator's /metrics (webhook admissions, certificate expiry); 0 = off.",
+    help="HTTP port of the operator's /metrics (reconciles, webhook admissions, certificate expiry); 0 = off.",
 )
 @log_level_option
 def operator(
@@ -116,6 +116,7 @@ def operator(
         standalone=standalone,
         require_peering=require_peering,
         priority=priority,
+        metrics_port=metrics_port or None,
         webhook=runner.WebhookOptions(
             port=webhook_port,
             cert_dir=webhook_cert_dir,

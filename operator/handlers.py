@@ -42,7 +42,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import builders, naming, settings, status
+from . import builders, events, metrics, naming, nodestats, scrape, settings, status
 from .builders import statefulset
 from .kube import Kube, api_error, contains, holds, namespace_terminating
 
@@ -84,6 +84,7 @@ def _forget(key: str) -> None:
         _locks.pop(key, None)
     _handled.discard(key)
     _gone.discard(key)
+    events.forget(key)
 
 
 def plain(value: Any) -> Any:
@@ -193,6 +194,7 @@ def pin_image(kube: Kube, pool: dict[str, Any], adopt_running: bool) -> None:
 
 
 def _set_status(body: dict[str, Any], patch: kopf.Patch, new: dict[str, Any]) -> None:
+    events.status_written(_key(body), body, new)
     if not contains(body.get("status") or {}, new):
         patch.status.update(new)
 
@@ -211,9 +213,15 @@ def _fresh_workloads(kube: Kube, observed: Observed, outcome: dict[str, str], na
 
 
 def reconcile(
-    body: Mapping[str, Any], patch: kopf.Patch, logger: Any, reason: str = "update"
+    body: Mapping[str, Any],
+    patch: kopf.Patch,
+    logger: Any,
+    reason: str = "update",
+    result: metrics.Outcome | None = None,
 ) -> dict[str, str]:
-    """Bring the pool's children to its spec; returns what happened to each child."""
+    """Bring the pool's children to its spec; returns what happened to each child (and says how it
+    went in `result`, for the reconcile metrics)."""
+    result = result or metrics.Outcome()
     pool = plain(body)
     name, namespace = pool["metadata"]["name"], pool["metadata"]["namespace"]
     with pool_lock(pool), Kube() as kube:
@@ -225,6 +233,7 @@ def reconcile(
             logger.error(f"Spec of {namespace}/{name} is invalid, children left as they are: {error}")
             kopf.warn(body, reason="InvalidSpec", message=str(error))
             _set_status(pool, patch, status.compute(pool, None, error, observed.sts, observed.lookup))
+            result.value = "invalid"
             return {}
         if observed.monitors_missing:
             logger.warning(
@@ -237,7 +246,15 @@ def reconcile(
             kube.patch_status(
                 *POOL, namespace, name, status.compute(pool, s, None, sts, lookup, refused="; ".join(refused))
             )
+            result.value = "refused"
             raise kopf.TemporaryError("; ".join(refused), delay=30)
+        if outcome.get(f"StatefulSet/{naming.statefulset_name(name)}") == "updated":
+            events.post(
+                pool,
+                events.change_events(
+                    observed.sts, _find(observed.desired, observed.current, "StatefulSet")[0]
+                ),
+            )
         for api_version, kind, child in builders.unwanted(s):
             # Look first: a reconcile of an unchanged pool sends no writes at all.
             if kube.get(api_version, kind, namespace, child) and kube.delete(
@@ -248,6 +265,7 @@ def reconcile(
         _set_status(pool, patch, status.compute(pool, s, None, sts, lookup))
     changed = {k: v for k, v in outcome.items() if v != "unchanged"}
     logger.info(f"Reconciled {namespace}/{name}: {changed or 'no changes'}")
+    result.value = "applied" if changed else "unchanged"
     return outcome
 
 
@@ -263,18 +281,29 @@ def _in_flight(pool: dict[str, Any]) -> bool:
     return _key(pool) not in _handled or generation != reported
 
 
-def refresh(kube: Kube, pool: dict[str, Any], logger: Any = log) -> bool:
-    """One pass between spec changes: repair drifted or missing children, then the status.
-    False when the pool is gone (its daemon ends)."""
+def refresh(
+    kube: Kube,
+    pool: dict[str, Any],
+    logger: Any = log,
+    stats: dict[str, nodestats.NodeStats | None] | None = None,
+    result: metrics.Outcome | None = None,
+) -> bool:
+    """One pass between spec changes: repair drifted or missing children, then the status (with
+    the hit ratio and usage from `stats`, the nodes' figures `scrape.read` got; None: not read).
+    False when the pool is gone (its daemon ends). `result` says how it went, for the metrics."""
+    result = result or metrics.Outcome()
     key, name, namespace = _key(pool), pool["metadata"]["name"], pool["metadata"]["namespace"]
+    result.value = "gone"
     if key in _gone:
         return False
+    result.value = "skipped"
     if _in_flight(pool):
         return True
     if not (pool.get("spec") or {}).get("image") and not settings.pinned_image(pool):
         # The pin may be missing from a body that lags the change handler's write: ask the server.
         fresh = kube.get(*POOL, namespace, name)
         if not _same_pool(fresh, key):
+            result.value = "gone"
             return False
         pool = fresh  # type: ignore[assignment]
         if _in_flight(pool):
@@ -282,10 +311,13 @@ def refresh(kube: Kube, pool: dict[str, Any], logger: Any = log) -> bool:
         pin_image(kube, pool, adopt_running=False)
     observed = observe(kube, pool)
     refused: list[str] = []
+    result.value = "unchanged" if observed.settings is not None else "invalid"
     if observed.settings is not None and not all(map(holds, observed.current, observed.desired)):
         fresh = kube.get(*POOL, namespace, name)
         if not _same_pool(fresh, key):
+            result.value = "gone"
             return False
+        result.value = "skipped"
         if _in_flight(fresh):  # type: ignore[arg-type]
             return True
         outcome, refused = apply_children(kube, observed, only_stale=True)
@@ -293,6 +325,7 @@ def refresh(kube: Kube, pool: dict[str, Any], logger: Any = log) -> bool:
             # The namespace controller is deleting the children and then the pool: not drift.
             logger.info(f"Namespace {namespace} is being deleted: children of {name} are not repaired")
             return True
+        result.value = "refused" if refused else "repaired"
         logger.warning(f"Repaired children of {namespace}/{name} changed or deleted by others: {outcome}")
         if refused:
             logger.error("; ".join(refused))
@@ -304,6 +337,10 @@ def refresh(kube: Kube, pool: dict[str, Any], logger: Any = log) -> bool:
         observed.lookup,
         refused="; ".join(refused) or None,
     )
+    if stats is not None and observed.settings is not None:
+        new.update(nodestats.aggregate(list(stats.values())))
+        events.stats_read(key, pool, stats)
+    events.status_written(key, pool, new)
     if not contains(pool.get("status") or {}, new):
         kube.patch_status(*POOL, namespace, name, new)
     return True
@@ -365,7 +402,8 @@ def announce_peering(peering: Any) -> None:
 @kopf.on.update(*_RESOURCE)
 @kopf.on.resume(*_RESOURCE)
 def on_change(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, reason: str, **_: Any) -> None:
-    reconcile(body, patch, logger, reason=reason)  # kopf's Reason is a str enum: "resume" == RESUME
+    with metrics.reconciling(str(reason)) as result:  # kopf's Reason is a str enum: "resume" == RESUME
+        reconcile(body, patch, logger, reason=reason, result=result)
 
 
 @kopf.on.event(*_RESOURCE)
@@ -387,10 +425,26 @@ def _without_finalizer(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _read_stats(pool: dict[str, Any]) -> dict[str, nodestats.NodeStats | None] | None:
+    """The pool's nodes' figures, read before the pass takes the pool's lock (reads time out
+    slowly; a change handler must not wait for them). None: not read (see `scrape.read`)."""
+    if _key(pool) in _gone or _in_flight(pool):
+        return None
+    try:
+        s = settings.parse(
+            pool["metadata"]["name"], pool["metadata"]["namespace"], settings.effective_spec(pool)
+        )
+        return scrape.read(s)
+    except settings.InvalidSpec:
+        return None
+
+
 def _pass(body: kopf.Body, logger: Any) -> bool:
     pool = plain(body)
-    with pool_lock(pool), Kube() as kube:
-        return refresh(kube, pool, logger)
+    with metrics.reconciling("pass") as result:
+        stats = _read_stats(pool)
+        with pool_lock(pool), Kube() as kube:
+            return refresh(kube, pool, logger, stats=stats, result=result)
 
 
 async def _sleep(stopped: kopf.DaemonStopped, seconds: float) -> bool:

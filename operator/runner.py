@@ -13,8 +13,10 @@ import pathlib
 import threading
 from collections.abc import Sequence
 from importlib import metadata
+from wsgiref.simple_server import WSGIServer
 
 import kopf
+import prometheus_client
 
 from . import handlers  # registers the handlers
 
@@ -100,8 +102,12 @@ def run(
     stop_flag: threading.Event | None = None,
     ready_flag: threading.Event | None = None,
     webhook: WebhookOptions | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Run until stopped. No namespaces = all namespaces.
+
+    Metrics (`kvpool.operator.metrics`, and the webhook's): the webhook's server serves /metrics on
+    its `metrics_port`; without the webhook, `metrics_port` gets a server of its own (None: none).
 
     Peering: off with `standalone`; with `require_peering` the operator waits until the kopf.dev
     CRDs exist; otherwise kopf detects them and peers through `peering_name` when they are there.
@@ -115,12 +121,24 @@ def run(
     log.info("kvpool operator %s starting: watching KVCachePools in %s; %s", _version(), where, health)
     handlers.forget_announcement()
     server = start_webhook(webhook) if webhook is not None else None
+    metrics_server = start_metrics(metrics_port) if webhook is None and metrics_port is not None else None
     try:
         _run_kopf(settings, namespaces, standalone, require_peering, peering_name, priority, health_port,
                   stop_flag, ready_flag)  # fmt: skip
     finally:
         if server is not None:
             server.stop()  # type: ignore[attr-defined]
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+
+
+def start_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer:
+    """Serve the process's metrics at http://host:port/metrics (in a thread) when the webhook,
+    which serves them otherwise, is off. Port 0 picks a free port (`server.server_port`)."""
+    server, _thread = prometheus_client.start_http_server(port, addr=host)
+    log.info(f"Metrics on :{server.server_port}/metrics")
+    return server
 
 
 def _run_kopf(settings, namespaces, standalone, require_peering, peering_name, priority, health_port,

@@ -285,14 +285,14 @@ def test_a_single_standalone_operator_is_never_run_twice_during_an_upgrade(
 
 @pytest.mark.parametrize("case", sorted(WEBHOOK_VALUES))
 def test_the_readiness_probe_asks_a_port_something_serves(helm: str, case: str) -> None:
-    """Without the webhook, `kvpool operator` serves no metrics port (the webhook server does): a
-    probe there would keep the operator un-Ready forever. The NetworkPolicy admits the probe."""
+    """Without the webhook, the operator's readiness is kopf's health endpoint (its metrics server
+    says nothing of readiness). The NetworkPolicy admits the probe."""
     objs = render(helm, *WEBHOOK_VALUES[case], "--set", "networkPolicy.enabled=true")
     (c,) = _pod(objs)["containers"]
     probe = c["readinessProbe"]["httpGet"]
     args = c["args"]
     webhook_on = args[args.index("--webhook-port") + 1] != "0"
-    served = {"health"} | ({"webhook", "metrics"} if webhook_on else set())
+    served = {"health", "metrics"} | ({"webhook"} if webhook_on else set())
     assert probe["port"] in served, probe
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     (policy,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
@@ -304,9 +304,9 @@ def test_the_readiness_probe_asks_a_port_something_serves(helm: str, case: str) 
 def test_no_metrics_service_points_at_a_port_nothing_serves(helm: str, case: str) -> None:
     objs = render(helm, *WEBHOOK_VALUES[case], "--set", "metrics.serviceMonitor.enabled=true")
     (c,) = _pod(objs)["containers"]
-    webhook_on = c["args"][c["args"].index("--webhook-port") + 1] != "0"
+    assert c["args"][c["args"].index("--metrics-port") + 1] != "0"  # served with or without the webhook
     metrics = [o for o in objs if o["kind"] == "ServiceMonitor" or o["metadata"]["name"].endswith("-metrics")]
-    assert len(metrics) == (2 if webhook_on else 0), [o["metadata"]["name"] for o in metrics]
+    assert len(metrics) == 2, [o["metadata"]["name"] for o in metrics]
 
 
 def test_versions_agree() -> None:
