@@ -434,8 +434,12 @@ class NixlRoute:
         return None
 
     def _reconnect(self, link: NixlLink) -> bool:
+        """Unreachable propagates (as in ``_rpc``): a node that died mid-transfer is down, not
+        only its NIXL, and a pool client routes its keys to the next owner or a replica."""
         try:
             link.reconnect()
+        except Unreachable:
+            raise
         except KVPoolError as exc:
             log.debug("NIXL reconnect failed: %s", exc)
             return False

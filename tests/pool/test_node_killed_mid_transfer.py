@@ -28,27 +28,38 @@ def test_node_killed_during_puts_then_restarted_on_its_disk(pool):
     node = pool.start(pool.add(disk=True))
     values = {f"put-kill-{i}".encode().ljust(32, b"."): os.urandom(2 * MiB + i) for i in range(400)}
     acked: list[bytes] = []
+    took: list[float] = []
     ended: dict = {}
+    on_disk, eight = threading.Event(), threading.Event()
 
     def put_until_it_fails(client: Client) -> None:
-        for key, value in values.items():
+        for i, (key, value) in enumerate(values.items()):
+            if i == 4:  # until the first four are on disk: then those entries are these keys
+                on_disk.wait()
             started = time.monotonic()
             try:
                 client.put(key, value)
             except KVPoolError as exc:
                 ended.update(error=exc, took=time.monotonic() - started)
                 return
+            took.append(time.monotonic() - started)
             acked.append(key)
+            if len(acked) == 8:
+                eight.set()
         ended.update(error=None)
 
     with Client(node.url, timeout=TIMEOUT_S) as client:
         writer = threading.Thread(target=put_until_it_fails, args=(client,), daemon=True)
         writer.start()
-        wait_until(lambda: len(acked) >= 8, what="puts acknowledged")
-        wait_until(lambda: (stats(node.url)["tiers"].get("disk") or {}).get("entries", 0) >= 4,
+        wait_until(lambda: len(acked) == 4, what="puts acknowledged")
+        wait_until(lambda: (stats(node.url)["tiers"].get("disk") or {}).get("entries", 0) == 4,
                    what="values on disk before the kill")  # fmt: skip
-        on_disk_before = list(acked[:4])
-        pool.kill(node)  # the writer is mid-put: it never waits for one
+        on_disk_before = list(acked)
+        on_disk.set()
+        assert eight.wait(20), "puts after the disk check"
+        # the few values put by the kill are far within the disk's 128 MiB: those four stay
+        time.sleep(min(took) / 2)  # aims the kill half a put into the next one; proves nothing
+        pool.kill(node)
         writer.join(TIMEOUT_S + MARGIN_S)
         assert not writer.is_alive(), "a put outlived its timeout after the node died"
     assert ended["error"] is not None and ended["took"] < TIMEOUT_S + MARGIN_S
