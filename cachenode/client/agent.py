@@ -14,6 +14,7 @@ finds everything the agent still holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -39,6 +40,7 @@ from kvpool.cachenode.rpc.status import translate
 
 DEFAULT_TIMEOUT_S = 10.0
 USE_WITHIN = 0.5  # of a lease's TTL
+DONE_WAIT_S = 1.0  # the longest close() waits for the Done calls still in flight
 
 
 def hello(url: str, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, tls_ca_file=None):
@@ -103,10 +105,21 @@ class AgentClient:
         self.close()
 
     def close(self) -> None:
+        self._let_done_calls_finish(min(self._timeout, DONE_WAIT_S))
         self._detach()
         if self._control is not None:
             self._control.close()
         self._channel.close()
+
+    def _let_done_calls_finish(self, timeout: float) -> None:
+        """Wait up to `timeout` for the Done calls still in flight: closing the channel cancels
+        them, and their leases would stay pinned in the agent until their TTL."""
+        with self._lock:
+            pending = list(self._ending)
+        deadline = time.monotonic() + timeout
+        for future in pending:
+            with contextlib.suppress(Exception):  # failed or late: the TTL ends that lease
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- the arena -----------------------------------------------------------------------------
 
