@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from kvpool.cachenode.core.breaker import CircuitBreaker
 from kvpool.cachenode.core.settings import ConnectorSettings, load_settings
 
-from . import metrics
+from . import metrics, miss_reasons
 from .pools import Borrowed, Held, Pool, RendezvousPool, UrlPool
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,16 @@ class SafePool:
       connector's background writer.
     """
 
-    def __init__(self, pool: Pool | None, *, breaker_failures: int = 3, breaker_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        pool: Pool | None,
+        *,
+        breaker_failures: int = 3,
+        breaker_s: float = 5.0,
+        deadline_s: float | None = None,
+    ) -> None:
         self.pool = pool
+        self._deadline_s = deadline_s  # each call's deadline, if known: a failure that late is a timeout
         self.name = pool.name if pool is not None else "no pool"
         self._breaker = CircuitBreaker(
             failure_threshold=breaker_failures, reset_timeout=breaker_s, max_reset_timeout=breaker_s
@@ -49,6 +57,7 @@ class SafePool:
         self._last_log = 0.0
         self._lock = threading.Lock()
         self._closed = False
+        self._get_why = threading.local()  # why this thread's last get_many_into had no answer
 
     # -- failure handling ----------------------------------------------------------------
     def _available(self) -> bool:
@@ -59,6 +68,11 @@ class SafePool:
         """True while calls are not sent to the pool (none, or its breaker open with no probe
         due): they answer misses at once, so nobody should wait for one. Changes no state."""
         return self.pool is None or self._breaker.retry_in() > 0
+
+    def _error_kind(self, exc: BaseException, started: float) -> str:
+        """``timeout`` (the error says so, or it came at the call's deadline) or ``error``."""
+        late = self._deadline_s is not None and time.monotonic() - started >= 0.9 * self._deadline_s
+        return "timeout" if late else miss_reasons.pool_error_kind(exc)
 
     def _ok(self, op: str) -> None:
         self._breaker.record_success(op)
@@ -92,17 +106,31 @@ class SafePool:
 
     def lease_prefix(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int]:
         """prefix_hits that pins what it found for ``lease_ms`` (0: a plain lookup, no lease)."""
-        if lease_ms <= 0:
-            return self.prefix_hits(keys), 0
-        if not keys or not self._available():
-            return 0, 0
+        n, lease_id, _why = self.lookup(keys, lease_ms)
+        return n, lease_id
+
+    def _unavailable_why(self) -> str:
+        """Why a call is not sent (a ``miss_reasons.POOL_UNREACHABLE`` detail)."""
+        return "no_pool" if self.pool is None else "breaker_open"
+
+    def lookup(self, keys: Sequence[bytes], lease_ms: int) -> tuple[int, int, str | None]:
+        """``lease_prefix``, and why the pool gave no answer (None: it answered): ``no_pool``,
+        ``breaker_open``, ``timeout`` or ``error`` — the miss reason of what it did not find."""
+        if not keys:
+            return 0, 0, None
+        if not self._available():
+            return 0, 0, self._unavailable_why()
+        started = time.monotonic()
         try:
-            n, lease_id = self.pool.lease_prefix(keys, lease_ms)
-        except Exception as exc:
+            if lease_ms <= 0:
+                n, lease_id = self.pool.prefix_hits(keys), 0
+            else:
+                n, lease_id = self.pool.lease_prefix(keys, lease_ms)
+        except Exception as exc:  # any failure is a miss
             self._fail("lookup", exc)
-            return 0, 0
+            return 0, 0, self._error_kind(exc, started)
         self._ok("lookup")
-        return max(0, min(int(n), len(keys))), int(lease_id)
+        return max(0, min(int(n), len(keys))), int(lease_id), None
 
     def release(self, lease_id: int, keys: Sequence[bytes] | None = None) -> None:
         """End (part of) a lease; a failure only means the lease expires by itself."""
@@ -129,9 +157,15 @@ class SafePool:
 
     def get_many_into(self, keys: Sequence[bytes]) -> list[Held | None]:
         """Like ``get_many``, but each value found is ``Held``: release it once read."""
-        if not keys or not self._available():
+        self._get_why.value = None
+        if not keys:
+            return []
+        if not self._available():
+            why = self._unavailable_why()
+            self._get_why.value = "pool_error" if why == "no_pool" else why
             return [None] * len(keys)
         get = getattr(self.pool, "get_many_into", None)
+        started = time.monotonic()
         try:
             if get is None:
                 held = [None if v is None else Borrowed(v) for v in self.pool.get_many(keys)]
@@ -139,14 +173,24 @@ class SafePool:
                 held = list(get(keys))
         except Exception as exc:
             self._fail("get", exc)
+            timeout = self._error_kind(exc, started) == "timeout"
+            self._get_why.value = "timeout" if timeout else "pool_error"
             return [None] * len(keys)
         self._ok("get")
         if len(held) != len(keys):
             for h in held:
                 if h is not None:
                     h.release()
+            self._get_why.value = "pool_error"
             return [None] * len(keys)
         return held
+
+    def fetch_into(self, keys: Sequence[bytes]) -> tuple[list[Held | None], str | None]:
+        """``get_many_into``, and why the pool gave no answer (None: it answered, and a None
+        value is a key it does not hold): ``breaker_open`` (or ``pool_error`` without a pool),
+        ``timeout`` or ``pool_error`` — a ``miss_reasons.LOAD_FAILED`` detail."""
+        held = self.get_many_into(keys)
+        return held, getattr(self._get_why, "value", None)
 
     def delete(self, keys: Sequence[bytes]) -> None:
         if keys and self._available():
@@ -244,7 +288,7 @@ def open_pool(
             if key not in _shared:
                 try:
                     auth = token if token is not None else bearer_token(settings or load_settings(None))
-                    _shared[key] = SafePool(UrlPool(url, timeout_s, auth))
+                    _shared[key] = SafePool(UrlPool(url, timeout_s, auth), deadline_s=timeout_s)
                 except Exception as exc:
                     _shared[key] = _broken(url, exc)
                 atexit.register(_shared[key].close)
@@ -254,7 +298,7 @@ def open_pool(
             return _embedded[ident]
         path = rendezvous_path(engine_id, dp_rank)
         if not owner:
-            return SafePool(RendezvousPool(path, timeout_s))
+            return SafePool(RendezvousPool(path, timeout_s), deadline_s=timeout_s)
         try:
             pool = SafePool(_open_embedded(memory_bytes, disk_dir, disk_bytes, path))
         except Exception as exc:

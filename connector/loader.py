@@ -68,6 +68,7 @@ class LoadResult:
     failed_chunk: int | None  # first chunk that did not load (absolute index); None: all loaded
     failed_from_token: int | None
     seconds: float
+    failed_why: str | None = None  # why the first failed chunk did not load (miss_reasons.LOAD_FAILURES)
 
     @property
     def total_tokens(self) -> int:
@@ -85,6 +86,7 @@ class _Piece:
     offset: int  # lo - the chunk's first token
     ids: list[int]
     source: torch.Tensor | None = None  # [layers, 2, hi - lo, heads, dim] once verified
+    why: str = "internal"  # why it did not load, if it did not (miss_reasons.LOAD_FAILURES)
 
 
 @dataclass
@@ -213,11 +215,11 @@ class Loader:
                 except Exception as exc:  # a device error: a miss from this window on
                     device_error(exc)
                     release_all(held)
-                    failed = window[0]
+                    failed = _why(window[0], "device")
                     break
                 in_flight.append((window[0], held, event))
                 if len(in_flight) > 1 and not self._retire(in_flight.pop(0)):
-                    failed = pieces[start - self._window]
+                    failed = _why(pieces[start - self._window], "device")
                     break
                 if bad is not None:
                     failed = bad
@@ -225,7 +227,7 @@ class Loader:
         finally:
             for entry in in_flight:
                 if not self._retire(entry) and (failed is None or entry[0].index < failed.index):
-                    failed = entry[0]
+                    failed = _why(entry[0], "device")
             self._release_lease(job)
         return _result(job, pieces, failed, time.perf_counter() - t0)
 
@@ -261,37 +263,41 @@ class Loader:
         release_all(prepared.held)
         self._release_lease(prepared.job)
         pieces = _plan(prepared.job, self.cache, self._chunk_tokens)
-        first_bad = pieces[0] if failed and pieces else prepared.failed
+        first_bad = _why(pieces[0], "device") if failed and pieces else prepared.failed
         return _result(prepared.job, pieces, first_bad, seconds)
 
     # -- parts -----------------------------------------------------------------------------------
     def _receive(self, window: list[_Piece]) -> tuple[list, _Piece | None]:
         """Receive a window into held buffers and verify it: (held values, first bad piece)."""
-        held = self.pool.get_many_into([p.key for p in window])
+        held, get_failed = self.pool.fetch_into([p.key for p in window])
         found = [h for h in held if h is not None]
         try:
             payloads = self._verify_all(window, held)
-            for piece, payload in zip(window, payloads, strict=True):
+            for piece, payload, value in zip(window, payloads, held, strict=True):
                 if payload is None:
+                    # found by the lookup, absent now: evicted (or deleted, or its node lost),
+                    # unless the read itself failed; a value that was there failed its checks
+                    piece.why = (get_failed or "evicted") if value is None else piece.why
                     return found, piece
                 piece.source = self._source(payload, piece, found)
         except Exception as exc:  # e.g. pinned staging that cannot be had: a miss from here
             log.warning("kvpool: load of chunk %s… failed (%s)", window[0].key.hex()[:12], exc)
             metrics.ERRORS.labels(kind=f"load:{type(exc).__name__}").inc()
-            return found, next((p for p in window if p.source is None), window[0])
+            return found, _why(next((p for p in window if p.source is None), window[0]), "internal")
         return found, None
 
     def _verify_all(self, window: list[_Piece], held: list) -> list[memoryview | None]:
-        """Each value's verified payload, None from the first that is missing or bad on."""
+        """Each value's verified payload, None from the first that is missing or bad on (a bad
+        one's piece says why)."""
         if self._parallel and len(window) > 1:
             with self._cond:
                 if self._verifiers is None:
                     self._verifiers = ThreadPoolExecutor(
                         VERIFY_THREADS, thread_name_prefix="kvpool-verify", initializer=self._bind_thread
                     )
-            payloads = list(self._verifiers.map(self._verify, [p.key for p in window], held))
+            payloads = list(self._verifiers.map(self._verify, window, held))
         else:
-            payloads = [self._verify(p.key, h) for p, h in zip(window, held, strict=True)]
+            payloads = [self._verify(p, h) for p, h in zip(window, held, strict=True)]
         for i, payload in enumerate(payloads):
             if payload is None:
                 return payloads[:i] + [None] * (len(payloads) - i)
@@ -300,12 +306,14 @@ class Loader:
     def _bind_thread(self) -> None:
         transfer.bind_device(self._device)
 
-    def _verify(self, key: bytes, value: Held | None) -> memoryview | None:
+    def _verify(self, piece: _Piece, value: Held | None) -> memoryview | None:
+        key = piece.key
         if value is None or value.view is None:
             return None
         try:
             return chunkfmt.decode(value.view, self._spec(key))
         except chunkfmt.ChunkVersionError as exc:
+            piece.why = "format_version"
             # Never readable by this engine, and found again by every lookup: a request would
             # load it, fail and look it up again. Deleted, so that the recomputed chunk replaces it.
             metrics.ERRORS.labels(kind="chunk_format_version").inc()
@@ -315,6 +323,7 @@ class Loader:
             self.pool.delete([key])
             return None
         except chunkfmt.ChunkFormatError as exc:
+            piece.why = "corrupt"
             metrics.STATS.add("corrupt_chunks")
             metrics.ERRORS.labels(kind="corrupt_chunk").inc()
             log.warning("kvpool: rejected chunk %s… (%s); deleting it, recomputing", key.hex()[:12], exc)
@@ -392,10 +401,16 @@ def _result(job: LoadJob, pieces: list[_Piece], failed: _Piece | None, seconds: 
         failed_chunk=None if failed is None else failed.index,
         failed_from_token=None if failed is None else failed.lo,
         seconds=seconds,
+        failed_why=None if failed is None else failed.why,
     )
+
+
+def _why(piece: _Piece, why: str) -> _Piece:
+    piece.why = why
+    return piece
 
 
 def _failed(job: LoadJob, chunk_tokens: int, seconds: float) -> LoadResult:
     """Nothing of ``job`` loaded."""
     first = max(job.first_chunk * chunk_tokens, job.start_token)
-    return LoadResult(job, 0, 0, job.first_chunk, first, seconds)
+    return LoadResult(job, 0, 0, job.first_chunk, first, seconds, "internal")

@@ -31,6 +31,7 @@ class LoadTask:
     lease_id: int = 0  # the lookup's lease: each worker releases its keys once it has read them
     lease_keys: dict[int, list[bytes]] = field(default_factory=dict)
     background: bool = False  # load-async: the request waits until every worker reports it done
+    misses: dict[str, int] = field(default_factory=dict)  # the request's miss reasons, for its log line
 
 
 @dataclass
@@ -61,12 +62,15 @@ class KVPoolWorkerMeta(KVConnectorWorkerMetadata):
 
     step: int = 0
     failed: dict[str, int] = field(default_factory=dict)  # request → first chunk that failed
+    why: dict[str, str] = field(default_factory=dict)  # request → why that chunk failed (miss_reasons)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVPoolWorkerMeta):
             self.step = max(self.step, other.step)
             for req, chunk in other.failed.items():
-                self.failed[req] = min(chunk, self.failed.get(req, chunk))
+                if req not in self.failed or chunk < self.failed[req]:  # the first failed chunk's reason
+                    self.failed[req] = chunk
+                    self.why[req] = other.why.get(req, "internal")
         return self
 
 

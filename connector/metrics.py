@@ -60,6 +60,7 @@ class ConnectorStats:
         self._counts: _Counter[str] = _Counter()
         self._latencies: dict[str, list[float]] = {k: [] for k in LATENCIES}
         self._errors: _Counter[str] = _Counter()
+        self._misses: _Counter[str] = _Counter()
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -75,14 +76,23 @@ class ConnectorStats:
             self._errors[kind] += n
             self.totals["errors"] += n
 
+    def add_misses(self, misses: dict[str, int]) -> None:
+        """Prompt tokens not loaded, by ``miss_reasons.label`` (``reason`` or ``reason:detail``)."""
+        with self._lock:
+            for key, n in misses.items():
+                if n > 0:
+                    self._misses[key] += n
+                    self.totals[f"miss:{key}"] += n
+
     def take(self) -> dict[str, Any] | None:
         with self._lock:
-            if not self._counts and not self._errors and not any(self._latencies.values()):
+            if not (self._counts or self._errors or self._misses or any(self._latencies.values())):
                 return None
             data = {
                 "counts": dict(self._counts),
                 "latencies": {k: list(v) for k, v in self._latencies.items()},
                 "errors": dict(self._errors),
+                "misses": dict(self._misses),
             }
             self._reset()
             return data
@@ -98,8 +108,10 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     counts.update(b.get("counts", {}))
     errors = _Counter(a.get("errors", {}))
     errors.update(b.get("errors", {}))
+    misses = _Counter(a.get("misses", {}))
+    misses.update(b.get("misses", {}))
     lat = {
         k: list(a.get("latencies", {}).get(k, [])) + list(b.get("latencies", {}).get(k, []))
         for k in LATENCIES
     }
-    return {"counts": dict(counts), "latencies": lat, "errors": dict(errors)}
+    return {"counts": dict(counts), "latencies": lat, "errors": dict(errors), "misses": dict(misses)}

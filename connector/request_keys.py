@@ -39,10 +39,16 @@ class KeyInputs:
     adapter: bytes = b""
     extras: list[bytes] | None = None
     refused: str | None = None  # why this request cannot be keyed safely (None = it can)
+    refused_feature: str | None = None  # which feature (a miss_reasons "refused" detail)
 
 
 class Refused(Exception):
-    """The request carries something the connector cannot put into a key."""
+    """The request carries something the connector cannot put into a key; ``feature`` names it
+    with a bounded word (a miss_reasons "refused" detail)."""
+
+    def __init__(self, message: str, feature: str = "other") -> None:
+        super().__init__(message)
+        self.feature = feature
 
 
 RECHECK_S = 2.0  # a known adapter's files are stat'ed again at most this often
@@ -93,11 +99,11 @@ class AdapterDigests:
 def _adapter_files(path: str) -> list[tuple[str, str, os.stat_result]]:
     """Every regular file of an adapter (a directory, or one file), sorted by relative path."""
     if not path:
-        raise Refused("LoRA adapter without a path")
+        raise Refused("LoRA adapter without a path", "lora")
     if os.path.isfile(path):
         return [(os.path.basename(path), path, os.stat(path))]
     if not os.path.isdir(path):
-        raise Refused("LoRA adapter whose weights are not a local file or directory")
+        raise Refused("LoRA adapter whose weights are not a local file or directory", "lora")
     out = []
     for root, dirs, names in os.walk(path):
         dirs.sort()
@@ -106,7 +112,7 @@ def _adapter_files(path: str) -> list[tuple[str, str, os.stat_result]]:
             if os.path.isfile(full):
                 out.append((os.path.relpath(full, path), full, os.stat(full)))
     if not out:
-        raise Refused("LoRA adapter directory without files")
+        raise Refused("LoRA adapter directory without files", "lora")
     return sorted(out)
 
 
@@ -134,7 +140,7 @@ def embeds_digests(request: Any, num_chunks: int, chunk_size: int) -> list[bytes
         or embeds.dim() != 2
         or embeds.shape[0] != request.num_prompt_tokens
     ):
-        raise Refused("prompt embeddings of an unexpected type or shape")
+        raise Refused("prompt embeddings of an unexpected type or shape", "prompt_embeds")
     mask = getattr(request, "prompt_is_token_ids", None)
     out = []
     for i in range(num_chunks):
@@ -154,7 +160,7 @@ def placeholders(request: Any) -> list[Placeholder]:
         identifier = getattr(feature, "identifier", None)
         pos = getattr(feature, "mm_position", None)
         if not identifier or pos is None:
-            raise Refused("a multimodal input without an identifier")
+            raise Refused("a multimodal input without an identifier", "multimodal")
         out.append(Placeholder(str(identifier), int(pos.offset), int(pos.length)))
     return out
 
@@ -171,7 +177,12 @@ def key_inputs(request: Any, chunk_size: int, adapters: AdapterDigests) -> KeyIn
             adapter = adapter_identity(str(lora.lora_name), adapters.digest(str(lora.lora_path or "")))
         extras = encode_extras(n, chunk_size, placeholders(request), embeds_digests(request, n, chunk_size))
     except Refused as exc:
-        return KeyInputs(tokens=tokens, salt=salt, refused=str(exc))
+        return KeyInputs(tokens=tokens, salt=salt, refused=str(exc), refused_feature=exc.feature)
     except OSError as exc:
-        return KeyInputs(tokens=tokens, salt=salt, refused=f"LoRA adapter files unreadable ({exc.strerror})")
+        return KeyInputs(
+            tokens=tokens,
+            salt=salt,
+            refused=f"LoRA adapter files unreadable ({exc.strerror})",
+            refused_feature="lora",
+        )
     return KeyInputs(tokens=tokens, salt=salt, adapter=adapter, extras=extras)

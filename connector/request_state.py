@@ -22,7 +22,9 @@ class RequestState:
     keys: dict[int, list[bytes]] | None
     prompt_tokens: int
     refused: str | None = None
+    refused_feature: str | None = None  # a miss_reasons "refused" detail
     pool_chunks: int = 0  # leading chunks the pool held at the last lookup
+    unreachable: str | None = None  # why the last lookup got no answer (None: it answered)
     # the first chunk whose load failed: never loaded again for this request, and no lookup goes
     # past it (a fresh lookup would find the same chunk and the request would load it forever)
     load_limit: int | None = None
@@ -41,12 +43,20 @@ class RequestState:
     pending: deque[tuple[int, int]] = field(default_factory=deque)  # (step, chunks up to) unconfirmed
     finished: bool = False  # vLLM finished it and keeps its blocks until we release them
     counted: bool = False
+    local: int = 0  # tokens vLLM had itself when it last asked (its prefix cache)
+    classified: bool = False  # its miss reasons are counted (once, when vLLM first schedules it)
+    sent_load: tuple[int, int] | None = None  # tokens the workers were told to load: failures count there
+    missed: dict[str, int] = field(default_factory=dict)  # its miss reasons (label → tokens), for the log
     saving: bool = False  # saves were issued: blocks stay until the workers copied them out
     loading: bool = False  # a background load is in flight (vLLM frees its blocks after it)
 
-    def found_in_pool(self, chunks: int, pinned: int, lease: tuple[int, float] | None) -> None:
-        """A lookup's answer: what the pool holds is never stored again."""
+    def found_in_pool(
+        self, chunks: int, pinned: int, lease: tuple[int, float] | None, unreachable: str | None = None
+    ) -> None:
+        """A lookup's answer (``unreachable``: why there was none): what the pool holds is never
+        stored again."""
         self.pool_chunks, self.pinned, self.lease = chunks, pinned, lease
+        self.unreachable = unreachable
         self.saved_upto = max(self.saved_upto, chunks)
         self.confirmed_upto = max(self.confirmed_upto, self.saved_upto)
         self.recorded_upto = max(self.recorded_upto, self.confirmed_upto)

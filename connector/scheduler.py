@@ -27,7 +27,7 @@ from vllm.logger import init_logger
 
 from kvpool.cachenode.core.settings import ConnectorSettings, loads_async
 
-from . import lookup_wait, metrics
+from . import lookup_wait, metrics, miss_account
 from .keys import ModelFingerprint, chunk_keys
 from .lookup_wait import Ask, LookupWait
 from .metadata import KVPoolMetadata, KVPoolWorkerMeta, LoadTask, SaveTask, WorkerReport
@@ -82,6 +82,7 @@ class ConnectorScheduler:
         self._fps: list[ModelFingerprint] = []  # index = pp_rank * tp + tp_rank
         self._adapters = AdapterDigests()
         self._logged_refusals: set[str] = set()
+        self._off_local: dict[str, int] = {}  # cache off: requests asked about → vLLM's own tokens
         self._step = 0
         self.warming: Future | None = None  # the lookup that opens the pool's connection
 
@@ -156,7 +157,7 @@ class ConnectorScheduler:
         inputs = key_inputs(request, self._C, self._adapters)
         if inputs.refused:
             self._refuse_once(inputs.refused)
-            st.refused = inputs.refused
+            st.refused, st.refused_feature = inputs.refused, inputs.refused_feature
             st.keys = {r: [] for r in range(len(self._fps))}
             return
         st.keys = {
@@ -184,15 +185,17 @@ class ConnectorScheduler:
                 log.warning(
                     "kvpool: could not key a request (%s: %s); not caching it", type(exc).__name__, exc
                 )
-                st.refused, st.keys = (
+                st.refused, st.refused_feature, st.keys = (
                     f"unkeyable input ({type(exc).__name__})",
+                    "unkeyable",
                     {r: [] for r in range(len(self._fps))},
                 )
 
     def _ask_pool(
         self, ask: Ask, st: RequestState, request: Any | None, lease_ms: int
-    ) -> tuple[int, int, float]:
-        """One batched lookup (in a lookup thread): (found, lease id, when it was asked). The
+    ) -> tuple[int, int, float, str | None]:
+        """One batched lookup (in a lookup thread): (found, lease id, when it was asked, why the
+        pool gave no answer: a miss_reasons "pool_unreachable" detail, None when it did). The
         request's keys are hashed first if they are not yet; the lookup goes no further than the
         request may load (``load_limit``). Its timing feeds the scheduler's wait (lookup_wait.py)."""
         hash_s, tokens, asked_pool = 0.0, 0, False
@@ -204,13 +207,13 @@ class ConnectorScheduler:
             n = len(st.keys[0]) if st.load_limit is None else min(st.load_limit, len(st.keys[0]))
             asked = time.monotonic()
             if st.refused or n == 0:
-                return 0, 0, asked
+                return 0, 0, asked, None
             t0 = time.perf_counter()
-            count, lease_id = self._pool.lease_prefix(self._interleaved(st, n), lease_ms)
+            count, lease_id, why = self._pool.lookup(self._interleaved(st, n), lease_ms)
             metrics.STATS.observe("lookup_seconds", time.perf_counter() - t0)
             metrics.STATS.add("lookups")
             asked_pool = True
-            return count, lease_id, asked
+            return count, lease_id, asked, why
         finally:
             self._wait.answered(ask, time.perf_counter(), hash_s, tokens, asked_pool)
 
@@ -252,23 +255,23 @@ class ConnectorScheduler:
         wait = 0.0 if stand_in else self._wait.budget(st.prompt_tokens if st.keys is None else 0)
         t0 = time.perf_counter()
         try:
-            count, lease_id, asked = st.lookup.future.result(timeout=wait)
+            count, lease_id, asked, why = st.lookup.future.result(timeout=wait)
         except TimeoutError:
             if wait:
                 metrics.STATS.observe("lookup_wait_seconds", time.perf_counter() - t0)
             if stand_in:  # a miss for now; the lookup's answer is read at the next call
-                st.found_in_pool(0, 0, None)
+                st.found_in_pool(0, 0, None, "breaker_open" if self._pool.skipping() else st.unreachable)
                 return True
             self._wait.gave_up(st.lookup)
             metrics.STATS.add("lookup_skipped_steps")
             return False
         except Exception:  # cannot happen (SafePool answers misses); stay safe
-            count, lease_id, asked = 0, 0, time.monotonic()
+            count, lease_id, asked, why = 0, 0, time.monotonic(), "error"
         if wait:
             metrics.STATS.observe("lookup_wait_seconds", time.perf_counter() - t0)
         st.lookup, st.asked_at, st.nothing_until = None, asked, None
         st.found_in_pool(
-            count // len(self._fps), count, (lease_id, asked + lease_ms / 1000) if lease_id else None
+            count // len(self._fps), count, (lease_id, asked + lease_ms / 1000) if lease_id else None, why
         )
         return True
 
@@ -285,16 +288,18 @@ class ConnectorScheduler:
 
     def _release_answer(self, answer: Future) -> None:
         try:
-            _count, lease_id, _asked = answer.result()
+            _count, lease_id, _asked, _why = answer.result()
         except Exception:
             return
         self._pool.release(lease_id)
 
     # -- vLLM's scheduler calls --------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if not self._enabled:
+        if not self._enabled:  # refused (no request comes before every worker has reported)
+            self._off_local[request.request_id] = num_computed_tokens
             return 0, False
         st = self._state(request)
+        st.local = num_computed_tokens
         if st.refused:
             return 0, False
         if (self.settings.load or self.settings.save) and not self._lookup(st, request, num_computed_tokens):
@@ -319,7 +324,11 @@ class ConnectorScheduler:
     def update_state_after_alloc(self, request: Any, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
         if st is None:
+            local = self._off_local.pop(request.request_id, None)
+            if local is not None and not getattr(request, "num_preemptions", 0):
+                miss_account.count_refused_engine(int(request.num_prompt_tokens), local)
             return
+        offered = st.load is not None
         if num_external_tokens > 0 and st.load is not None:
             end = st.load[1]
             st.load = (end - num_external_tokens, end)
@@ -328,6 +337,12 @@ class ConnectorScheduler:
         else:
             st.load = None
             self._drop_lease(st)
+        if not st.classified:  # once: a request vLLM preempts and schedules again is not recounted
+            st.classified = True
+            st.missed = miss_account.classify_request(
+                st, chunk_size=self._C, block_size=self._block_size, load_on=self.settings.load,
+                declined=offered and st.load is None, pool_name=self._pool.name,
+            )  # fmt: skip
 
     def update_connector_output(self, connector_output: Any) -> None:
         """A step's aggregated worker output: confirm what it computed, or roll back every request
@@ -343,6 +358,7 @@ class ConnectorScheduler:
         for req_id, chunk in wm.failed.items():
             st = self._reqs.get(req_id)
             if st is not None:
+                miss_account.count_failed_load(st, chunk, wm.why.get(req_id, "internal"), self._C)
                 self._roll_back(st, chunk)
                 st.load_limit = chunk if st.load_limit is None else min(st.load_limit, chunk)
         invalid = getattr(connector_output, "invalid_block_ids", None)
@@ -420,7 +436,7 @@ class ConnectorScheduler:
             lease_id, st.lease = st.lease[0], None
             n = len(self._fps)  # rank r's chunk i sat at i*n + r of the pinned lookup
             lease_keys = {r: k[: max(0, st.pinned - r + n - 1) // n] for r, k in st.keys.items()}
-        st.load = None
+        st.load, st.sent_load = None, (start, end)
         return LoadTask(
             req_id=req_id,
             keys={r: k[first:last] for r, k in st.keys.items()},
@@ -432,6 +448,7 @@ class ConnectorScheduler:
             lease_id=lease_id,
             lease_keys=lease_keys,
             background=background,
+            misses=dict(st.missed),
         )
 
     def _confirmed_saves(self, meta: KVPoolMetadata) -> None:
@@ -458,6 +475,7 @@ class ConnectorScheduler:
                 del self._reqs[req_id]
 
     def request_finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
+        self._off_local.pop(request.request_id, None)
         st = self._reqs.get(request.request_id)
         if st is None:
             return False, None

@@ -6,7 +6,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from . import metrics
+from . import metrics, miss_reasons
 
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -30,11 +30,14 @@ class KVPoolConnectorStats(KVConnectorStats):
             if values:
                 out[f"avg_{name[:-8]}_ms"] = round(1000 * sum(values) / len(values), 3)
         out["errors"] = sum(self.data.get("errors", {}).values())
+        out["miss_tokens"] = sum(self.data.get("misses", {}).values())
         return out
 
     def is_empty(self) -> bool:
         d = self.data or {}
-        return not d.get("counts") and not d.get("errors") and not any(d.get("latencies", {}).values())
+        return not (
+            d.get("counts") or d.get("errors") or d.get("misses") or any(d.get("latencies", {}).values())
+        )
 
 
 class KVPoolPromMetrics(KVConnectorPromMetrics):
@@ -55,6 +58,12 @@ class KVPoolPromMetrics(KVConnectorPromMetrics):
             documentation="kvpool connector errors by kind (every one became a cache miss)",
             labelnames=[*labelnames, "kind"],
         )
+        self._misses = self._counter_cls(
+            name="kvpool_connector_miss_tokens",
+            documentation="kvpool connector: prompt tokens not loaded from the pool, by reason "
+            "(docs/connector.md, 'Why a request missed')",
+            labelnames=[*labelnames, "reason", "detail"],
+        )
         self._hist = {
             name: self._histogram_cls(
                 name=f"kvpool_connector_{name}",
@@ -68,6 +77,8 @@ class KVPoolPromMetrics(KVConnectorPromMetrics):
         for labels in per_engine_labelvalues.values():
             for c in self._counters.values():
                 c.labels(*labels)
+            for reason, detail in miss_reasons.all_labels():
+                self._misses.labels(*labels, reason, detail)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues[engine_idx]
@@ -76,6 +87,9 @@ class KVPoolPromMetrics(KVConnectorPromMetrics):
                 self._counters[name].labels(*labels).inc(n)
         for kind, n in transfer_stats_data.get("errors", {}).items():
             self._errors.labels(*labels, kind).inc(n)
+        for key, n in transfer_stats_data.get("misses", {}).items():
+            if n:
+                self._misses.labels(*labels, *miss_reasons.split_label(key)).inc(n)
         for name, values in transfer_stats_data.get("latencies", {}).items():
             if name in self._hist:
                 for v in values:

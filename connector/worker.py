@@ -22,7 +22,7 @@ from vllm.logger import init_logger
 
 from kvpool.cachenode.core.settings import ConnectorSettings
 
-from . import chunkfmt, kvcopy, metrics, shutdown
+from . import chunkfmt, kvcopy, metrics, miss_reasons, shutdown
 from .engine_config import fingerprint_for
 from .loader import Loader, LoadJob, LoadResult, Prepared
 from .metadata import KVPoolMetadata, KVPoolWorkerMeta, LoadTask, SaveTask, WorkerReport
@@ -91,6 +91,8 @@ class ConnectorWorker:
         self._releasing: set[str] = set()  # finished requests to report once their copies are done
         self._failed_blocks: set[int] = set()
         self._step_failed: dict[str, int] = {}
+        self._step_why: dict[str, str] = {}  # request → why its first failed chunk failed
+        self._misses: dict[str, dict[str, int]] = {}  # request → its miss reasons, for the load line
 
     @property
     def enabled(self) -> bool:
@@ -164,26 +166,35 @@ class ConnectorWorker:
             lease_keys=task.lease_keys.get(self._rank, []),
         )
 
-    def _fail_load(self, job: LoadJob, chunk: int, from_token: int) -> None:
+    def _fail_load(self, job: LoadJob, chunk: int, from_token: int, why: str) -> None:
         """Blocks of ``job`` from ``from_token`` on are recomputed by vLLM; the scheduler is told
-        (through the aggregated worker output) that the request's load failed at ``chunk``."""
+        (through the aggregated worker output) that the request's load failed at ``chunk``, and why."""
         bs = self._block_size
         self._failed_blocks.update(job.block_ids[(from_token - job.start_token) // bs :])
-        self._step_failed[job.req_id] = min(chunk, self._step_failed.get(job.req_id, chunk))
+        if job.req_id not in self._step_failed or chunk < self._step_failed[job.req_id]:
+            self._step_failed[job.req_id], self._step_why[job.req_id] = chunk, why
         metrics.STATS.add("load_failed_tokens", job.end_token - from_token)
 
     def _loaded(self, result: LoadResult) -> None:
-        """Account for a finished load (main thread): failed blocks, metrics, one log line."""
+        """Account for a finished load (main thread): failed blocks, metrics, one log line with
+        the request's miss reasons (the scheduler's, and this load's failure)."""
         job = result.job
+        misses = dict(self._misses.pop(job.req_id, None) or {})
+        failed = ""
         if result.failed_chunk is not None:
-            self._fail_load(job, result.failed_chunk, result.failed_from_token)
+            why = result.failed_why or "internal"
+            self._fail_load(job, result.failed_chunk, result.failed_from_token, why)
+            lost = miss_reasons.failed_load(job.start_token, job.end_token, result.failed_from_token, why)
+            for key, n in lost.items():
+                misses[key] = misses.get(key, 0) + n
+            failed = f"; {sum(lost.values())} tokens failed ({', '.join(lost)}), recomputing" if lost else ""
         metrics.STATS.add("loaded_tokens", result.ok_tokens)
         metrics.STATS.observe("load_seconds", result.seconds)
-        missing = result.total_tokens - result.ok_tokens
+        missed = miss_reasons.describe(misses)
         log.info(
-            "Retrieved %d of %d tokens (%d chunks) from %s in %.1f ms%s",
+            "Retrieved %d of %d tokens (%d chunks) from %s in %.1f ms%s%s",
             result.ok_tokens, job.prompt_tokens, result.ok_chunks, self._pool.name, 1000 * result.seconds,
-            "" if not missing else f"; {missing} tokens failed, recomputing",
+            failed, f"; {missed}" if missed else "",
         )  # fmt: skip
 
     def bind_connector_metadata(self, meta: Any) -> None:
@@ -196,8 +207,9 @@ class ConnectorWorker:
         in_step: list[LoadJob] = []
         for task in meta.loads:
             job = self._job(task)
+            self._misses[task.req_id] = task.misses
             if self._loader is None:  # cannot happen once the scheduler heard this worker; stay safe
-                result = LoadResult(job, 0, 0, job.first_chunk, job.start_token, 0.0)
+                result = LoadResult(job, 0, 0, job.first_chunk, job.start_token, 0.0, "internal")
                 if job.lease_id and job.lease_keys:
                     self._pool.release(job.lease_id, job.lease_keys)
                 if task.background:
@@ -306,7 +318,8 @@ class ConnectorWorker:
     def build_worker_meta(self, meta: Any) -> KVPoolWorkerMeta:
         step = meta.step if isinstance(meta, KVPoolMetadata) else 0
         failed, self._step_failed = self._step_failed, {}
-        return KVPoolWorkerMeta(step=step, failed=failed)
+        why, self._step_why = self._step_why, {}
+        return KVPoolWorkerMeta(step=step, failed=failed, why=why)
 
     def get_finished(self, meta: Any) -> tuple[set[str] | None, set[str] | None]:
         """Background loads that ended (loaded or failed: their failed blocks and chunks go out in

@@ -14,7 +14,10 @@ Spec: {"model": path, "out": path, "engines": [{"connector": bool, "extra": {...
 
 A step with "embeds" sends those tensors as ``prompt_embeds`` (one per prompt) instead of "prompts".
 An engine's "block_size" (default 32; null: vLLM's default) and "enforce_eager" (default true) are
-vLLM's; the GPU lane (tests/gpu/test_cuda_engine.py) runs with both left to vLLM.
+vLLM's; the GPU lane (tests/gpu/test_cuda_engine.py) runs with both left to vLLM. An engine with
+"metrics": true runs with vLLM's stats on and records, after each step, every kvpool_connector_*
+counter of the Prometheus registry (what `vllm serve`'s /metrics would show) under
+``results["_metrics"][step name]`` as {"name{label=value,...}": value}.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ def run_engine(model: str, engine: dict) -> dict:
     if engine.get("block_size", 32) is not None:
         kwargs["block_size"] = engine.get("block_size", 32)
     kwargs["enforce_eager"] = engine.get("enforce_eager", True)
+    if engine.get("metrics"):
+        _forget_kvpool_metrics()  # an earlier engine's in this process: registered again
+        kwargs["disable_log_stats"] = False
     llm = LLM(
         model=model,
         # off unless asked: every reuse the tests see then comes from the pool
@@ -103,10 +109,34 @@ def run_engine(model: str, engine: dict) -> dict:
             }
             for o in outs
         ]
+        if engine.get("metrics"):
+            results.setdefault("_metrics", {})[step["name"]] = _kvpool_metrics()
     llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
     del llm
     gc.collect()
     return results
+
+
+def _kvpool_metrics() -> dict[str, float]:
+    from prometheus_client import REGISTRY
+
+    out = {}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name.startswith("kvpool_connector_") and sample.name.endswith("_total"):
+                labels = ",".join(
+                    f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in ("reason", "detail", "kind")
+                )
+                out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def _forget_kvpool_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    for collector, names in list(REGISTRY._collector_to_names.items()):
+        if any(n.startswith("kvpool_connector_") for n in names):
+            REGISTRY.unregister(collector)
 
 
 def main() -> None:
