@@ -27,10 +27,10 @@ from vllm.logger import init_logger
 
 from kvpool.cachenode.core.settings import ConnectorSettings, loads_async
 
-from . import lookup_wait, metrics, miss_account
+from . import lookup_wait, metrics, miss_account, worker_orders
 from .keys import ModelFingerprint, chunk_keys
 from .lookup_wait import Ask, LookupWait
-from .metadata import KVPoolMetadata, KVPoolWorkerMeta, LoadTask, SaveTask, WorkerReport
+from .metadata import KVPoolMetadata, KVPoolWorkerMeta, LoadTask, WorkerReport
 from .request_keys import AdapterDigests, key_inputs
 from .request_state import RequestState
 
@@ -425,54 +425,25 @@ class ConnectorScheduler:
         return meta
 
     def _load_task(self, req_id: str, st: RequestState, background: bool) -> LoadTask:
-        """The workers' orders for ``st.load``; its lease goes with them (each releases its keys)."""
-        bs = self._block_size
-        start, end = st.load
-        first = start // self._C
-        last = -(-end // self._C)  # the last chunk may be loaded in part
-        block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
-        lease_id, lease_keys = 0, {}
-        if st.lease is not None:
-            lease_id, st.lease = st.lease[0], None
-            n = len(self._fps)  # rank r's chunk i sat at i*n + r of the pinned lookup
-            lease_keys = {r: k[: max(0, st.pinned - r + n - 1) // n] for r, k in st.keys.items()}
-        st.load, st.sent_load = None, (start, end)
-        return LoadTask(
-            req_id=req_id,
-            keys={r: k[first:last] for r, k in st.keys.items()},
-            first_chunk=first,
-            block_ids=list(block_ids[start // bs : end // bs]),
-            start_token=start,
-            end_token=end,
-            prompt_tokens=st.prompt_tokens,
-            lease_id=lease_id,
-            lease_keys=lease_keys,
+        blocks = self._kv_cache_manager.get_block_ids(req_id)[0]
+        return worker_orders.load_task(
+            req_id,
+            st,
+            blocks,
+            chunk=self._C,
+            block=self._block_size,
+            ranks=len(self._fps),
             background=background,
-            misses=dict(st.missed),
         )
 
     def _confirmed_saves(self, meta: KVPoolMetadata) -> None:
-        """Chunks whose computing step came back clean are stored now (their blocks are still the
-        request's: running, or finished with the free delayed for us). Finished requests with
-        nothing left to wait for are released."""
-        bs = self._block_size
-        for req_id, st in list(self._reqs.items()):
-            first, done = st.saved_upto, st.confirmed_upto
-            if done > first:
-                block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
-                meta.saves.append(
-                    SaveTask(
-                        req_id=req_id,
-                        keys={r: k[first:done] for r, k in st.keys.items()},
-                        first_chunk=first,
-                        block_ids=list(block_ids[first * self._C // bs : done * self._C // bs]),
-                    )
-                )
-                st.saved_upto = done
-                st.saving = True
-            if st.finished and not st.pending:
-                meta.released.append(req_id)
-                del self._reqs[req_id]
+        worker_orders.confirmed_saves(
+            self._reqs,
+            lambda r: self._kv_cache_manager.get_block_ids(r)[0],
+            meta,
+            chunk=self._C,
+            block=self._block_size,
+        )
 
     def request_finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
         self._off_local.pop(request.request_id, None)
