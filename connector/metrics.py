@@ -26,6 +26,8 @@ COUNTERS = (
     "unsaved_tokens",  # tokens computed over a failed load (on any rank): not stored
     "lookups",  # lookups sent to the pool (answers that load nothing are reused for a while)
     "lookup_skipped_steps",  # times vLLM was told "not known yet": a request waited a step
+    "pd_wait_steps",  # steps a request waited for chunks its prefill engine was storing
+    "pd_wait_timeouts",  # requests that waited out announced_wait_ms and computed the rest
 )
 LATENCIES = ("lookup_seconds", "load_seconds", "store_seconds", "lookup_wait_seconds")
 

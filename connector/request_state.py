@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .lookup_wait import Ask
+from .pd_wait import Awaited
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RequestState:
     classified: bool = False  # its miss reasons are counted (once, when vLLM first schedules it)
     sent_load: tuple[int, int] | None = None  # tokens the workers were told to load: failures count there
     missed: dict[str, int] = field(default_factory=dict)  # its miss reasons (label → tokens), for the log
+    pd: Awaited | None = None  # its wait for chunks its prefill engine is storing (pd_wait.py)
     saving: bool = False  # saves were issued: blocks stay until the workers copied them out
     loading: bool = False  # a background load is in flight (vLLM frees its blocks after it)
 

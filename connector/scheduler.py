@@ -31,6 +31,7 @@ from . import lookup_wait, metrics, miss_account, worker_orders
 from .keys import ModelFingerprint, chunk_keys
 from .lookup_wait import Ask, LookupWait
 from .metadata import KVPoolMetadata, KVPoolWorkerMeta, LoadTask, WorkerReport
+from .pd_wait import PrefillWaits
 from .request_keys import AdapterDigests, key_inputs
 from .request_state import RequestState
 
@@ -64,6 +65,7 @@ class ConnectorScheduler:
         block_size: int,
         fingerprint: Callable[[WorkerReport], ModelFingerprint],
         refusals: list[str] | None = None,
+        consumer: bool = False,
     ) -> None:
         self.settings = settings
         self._pool = pool
@@ -84,6 +86,9 @@ class ConnectorScheduler:
         self._logged_refusals: set[str] = set()
         self._off_local: dict[str, int] = {}  # cache off: requests asked about → vLLM's own tokens
         self._step = 0
+        self._pd = PrefillWaits(
+            settings.announced_wait_ms, self._C, load=settings.load, save=settings.save, consumer=consumer
+        )
         self.warming: Future | None = None  # the lookup that opens the pool's connection
 
     @property
@@ -233,6 +238,8 @@ class ConnectorScheduler:
         answer that loads nothing stands for ``MISS_RECHECK_S`` and then while it is asked again."""
         lease_ms = self.settings.lease_ms if self.settings.load else 0
         if st.lookup is None:
+            if self._pd.held(st.pd):  # waiting for its prefill engine's chunks (pd_wait.py)
+                return False
             now = time.monotonic()
             if st.lease is not None and st.lease[1] - LEASE_REUSE_MARGIN_S > now:
                 return True  # the last lookup's pins still hold: its answer stands
@@ -269,11 +276,24 @@ class ConnectorScheduler:
             count, lease_id, asked, why = 0, 0, time.monotonic(), "error"
         if wait:
             metrics.STATS.observe("lookup_wait_seconds", time.perf_counter() - t0)
+        if self._held_for_prefill(st, request, count // len(self._fps)):
+            self._pool.release(lease_id)
+            st.lookup = None
+            return False
         st.lookup, st.asked_at, st.nothing_until = None, asked, None
         st.found_in_pool(
             count // len(self._fps), count, (lease_id, asked + lease_ms / 1000) if lease_id else None, why
         )
         return True
+
+    def _held_for_prefill(self, st: RequestState, request: Any, found: int) -> bool:
+        """Whether the answer is dropped: the request waits for chunks its prefill engine is still
+        storing (pd_wait.py)."""
+        if not st.keys or not st.keys[0]:
+            return False
+        limit = len(st.keys[0]) if st.load_limit is None else min(st.load_limit, len(st.keys[0]))
+        st.pd = self._pd.hold(st.pd, request, st.keys[0], st.prompt_tokens, found, limit)
+        return st.pd.waiting
 
     def _drop_lease(self, st: RequestState, pending: bool = True) -> None:
         """The lookup's pins are not going to be read: end them now rather than at expiry (a
@@ -454,13 +474,15 @@ class ConnectorScheduler:
         if st.loading:  # aborted while loading: vLLM itself keeps its blocks until the load ends
             del self._reqs[request.request_id]
             return False, None
+        # a prefill engine's answer says which chunks it is storing (pd_wait.py)
+        params = self._pd.announcement(request, st.keys[0] if st.keys else None, st.recorded_upto)
         if self._enabled and (st.pending or st.confirmed_upto > st.saved_upto or st.saving):
             # keep the blocks until the confirmed chunks are stored and every copy out of them
             # has finished (on a GPU those run on a side stream)
             st.finished = True
-            return True, None
+            return True, params
         del self._reqs[request.request_id]
-        return False, None
+        return False, params
 
     def shutdown(self, flush_s: float) -> None:
         if self._lookup_pool is not None:

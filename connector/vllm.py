@@ -91,6 +91,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             self.scheduler = ConnectorScheduler(
                 s, pool, tp=pc.tensor_parallel_size, pp=pc.pipeline_parallel_size, block_size=block_size,
                 fingerprint=functools.partial(fingerprint_for, vllm_config, s), refusals=refusals,
+                consumer=self._kv_transfer_config.kv_role == "kv_consumer",
             )  # fmt: skip
             if s.load_failure_policy == "recompute":
                 # vLLM's default is to FAIL a request whose KV load failed; a cache must not do that.
