@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 from kvpool.cachenode.core import metrics
@@ -76,6 +78,21 @@ def wants_demotions(tier: SharedTier) -> bool:
     return getattr(getattr(tier, "policy", None), "write", None) != "through"
 
 
+def forget_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames that `exc`, its cause and its context hold
+    (frames still running are left alone), so that what they refer to is freed now rather than
+    at the next cyclic garbage collection (see BackgroundTier.get_many for why that matters)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        todo += [err.__cause__, err.__context__]
+
+
 class BackgroundTier:
     """What the Redis and S3 tiers share: the SharedTier contract around three raw operations.
 
@@ -86,9 +103,12 @@ class BackgroundTier:
     """
 
     name: str = "tier"
+    READERS = 8
+    """Threads that run reads (`_read_many`); more callers at once wait their turn."""
 
     def __init__(self, name: str, policy) -> None:
         self.name = name
+        self._readers = ThreadPoolExecutor(self.READERS, thread_name_prefix=f"kvpool-{name}-read")
         self.policy = policy
         self.promote_on_read: bool = policy.promote
         self._write_back = policy.write == "back"
@@ -129,6 +149,17 @@ class BackgroundTier:
     # -- SharedTier ----------------------------------------------------------------------------
 
     def get_many(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
+        """The read runs on one of this tier's reader threads, and its error comes back as a
+        value, never raised here. Why: the caller's frames hold what the request has found so
+        far, views of L1 ranges (TieredStore.get_many, the data server's reply). A client
+        library that keeps a failure's exception in a reference cycle (valkey-py's connect
+        keeps it in a local of a frame on its own traceback; botocore's retries keep each
+        attempt's) keeps every frame on that traceback, and each of those keeps its callers'
+        frames. Raised on the request's thread, that chain reached those views: until the next
+        cyclic garbage collection L1 counted them as in use, and a put right after a failed
+        read evicted every entry, still found no room and kept its values nowhere local
+        (tests/tiers/test_failed_read_keeps_no_memory.py). On a reader thread the chain ends
+        in the pool's own loop."""
         if not keys:
             return []
         if not self.breaker.allow():
@@ -137,9 +168,12 @@ class BackgroundTier:
             return [None] * len(keys)
         start = time.perf_counter()
         try:
-            values = self._read_many(keys)
-        except Exception as exc:
-            self._failed("get", exc)
+            read = self._readers.submit(self._read_reporting, list(keys))
+        except RuntimeError:  # closed: a miss, as every other failure
+            return [None] * len(keys)
+        values, error = read.result()
+        if error is not None:
+            self._failed("get", error)
             metrics.TIER_MISSES.labels(self.name).inc(len(keys))
             return [None] * len(keys)
         self.breaker.record_success()
@@ -175,9 +209,20 @@ class BackgroundTier:
 
     def close(self) -> None:
         self.queue.close(timeout=0.0)
+        self._readers.shutdown(wait=False, cancel_futures=True)
         self._close()
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _read_reporting(
+        self, keys: list[bytes]
+    ) -> tuple[list[memoryview | bytes | None], None] | tuple[None, Exception]:
+        """`_read_many` on a reader thread: (values, None), or (None, the error) if it raised."""
+        try:
+            return self._read_many(keys), None
+        except Exception as exc:
+            forget_frames(exc)
+            return None, exc
 
     def _guarded_write(self, items: Sequence[tuple[bytes, memoryview | bytes]]) -> None:
         if not self.breaker.allow():
