@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "lookup": "kvpool.cli.bench.lookup:lookup",
     "node": "kvpool.cli.bench.node:node",
     "p2p": "kvpool.cli.bench.p2p:p2p",
+    "pd": "kvpool.cli.bench.pd:pd",
     "pool": "kvpool.cli.bench.pool:pool",
     "soak": "kvpool.cli.bench.soak:soak",
     "tiers": "kvpool.cli.bench.tiers:tiers",

@@ -20,7 +20,12 @@ from .miss_overhead import BLOCK, CHUNK, miss_figures
 
 
 def build_engine(
-    model: str, connector: bool, extra: dict | None = None, max_model_len: int = 8192, log_stats: bool = False
+    model: str,
+    connector: bool,
+    extra: dict | None = None,
+    max_model_len: int = 8192,
+    log_stats: bool = False,
+    role: str = "kv_both",
 ):
     from vllm import LLM
     from vllm.config import KVTransferConfig
@@ -30,7 +35,7 @@ def build_engine(
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVPoolConnector",
             kv_connector_module_path="kvpool.connector.vllm",
-            kv_role="kv_both",
+            kv_role=role,
             kv_connector_extra_config={"chunk_size": CHUNK, **(extra or {})},
         )
     cpu = _is_cpu()
@@ -101,22 +106,24 @@ def close_engine(llm) -> None:
     gc.collect()
 
 
-def ttft(llm, ids: list[int], salt: str | None = None) -> tuple[float, object]:
-    """Seconds to the first token (a 1-token generation) and its output."""
+def sampling(max_tokens: int, transfer: dict | None = None):
+    """Greedy sampling; ``transfer``: the request's kv_transfer_params (disaggregated prefill)."""
     from vllm import SamplingParams
 
+    extra = {"extra_args": {"kv_transfer_params": transfer}} if transfer else {}
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **extra)
+
+
+def ttft(llm, ids: list[int], salt: str | None = None, transfer: dict | None = None) -> tuple[float, object]:
+    """Seconds to the first token (a 1-token generation) and its output."""
     prompt = {"prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})}
     t0 = time.perf_counter()
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    out = llm.generate([prompt], sampling(1, transfer), use_tqdm=False)[0]
     return time.perf_counter() - t0, out
 
 
-def generate(llm, ids: list[int], max_tokens: int = 16):
-    from vllm import SamplingParams
-
-    out = llm.generate(
-        [{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False
-    )
+def generate(llm, ids: list[int], max_tokens: int = 16, transfer: dict | None = None):
+    out = llm.generate([{"prompt_token_ids": ids}], sampling(max_tokens, transfer), use_tqdm=False)
     return out[0]
 
 

@@ -9,6 +9,9 @@ over gRPC (Hello advertises no data channel). Before answering a Get, the proxy 
 * ``"slow_on_get": [hex keys], "slow_s": s`` — the first Get asking for such a key answers only
   after s seconds, past the connector's deadline: the load is cut short;
 * ``"always_slow_on_get": [hex keys]`` — every Get asking for such a key answers after slow_s.
+* ``"slow_put_s": s`` — every Put is held s seconds before it is forwarded, and dropped if its
+  client has gone meanwhile (as a node drops a put whose stream broke): a writer whose chunks land
+  late, or never if it dies first (``slow put <number of values>``, ``put dropped``).
 
 Every lookup is printed (``lookup <first key hex> <number of keys>``), so a test can count them;
 so is every slowed Get (``slow get <first slowed key hex> <number of slowed keys>``) and every
@@ -90,6 +93,13 @@ class FaultProxy(pb_grpc.CacheNodeServicer):
         frames = list(request_iterator)
         if not frames:
             return pb.PutResponse(stored=0)
+        slow_s = float(self._faults().get("slow_put_s", 0))
+        if slow_s:
+            print(f"slow put {len(frames[0].entries)}", flush=True)
+            time.sleep(slow_s)
+            if not context.is_active():
+                print("put dropped", flush=True)
+                return pb.PutResponse(stored=0)
         data = b"".join(f.data for f in frames)
         items, pos = [], 0
         for e in frames[0].entries:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHES = ["copy", "disk", "lookup", "node", "p2p", "pool", "soak", "tiers", "ttft"]
+BENCHES = ["copy", "disk", "lookup", "node", "p2p", "pd", "pool", "soak", "tiers", "ttft"]
 
 NO_BENCH_IMPORTED = """
 import sys
