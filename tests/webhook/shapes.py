@@ -65,3 +65,10 @@ def container(obj: dict[str, Any], name: str) -> dict[str, Any]:
 
 def env_of(c: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env") or []}
+
+
+def template_pod(deployment: dict[str, Any], namespace: str) -> dict[str, Any]:
+    """The pod a Deployment's template makes, as the webhook receives it."""
+    template = deployment["spec"]["template"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {**template["metadata"], "namespace": namespace},
+            "spec": template["spec"]}  # fmt: skip

@@ -10,7 +10,7 @@ import yaml
 
 from kvpool.operator.webhook import patch
 
-from .shapes import K8S, apply, container, env_of, pool
+from .shapes import K8S, apply, container, env_of, pool, template_pod
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "vllm-deployment.yaml"
 
@@ -20,9 +20,7 @@ def test_example_deployment_is_valid_and_its_pods_are_injected() -> None:
     for doc in docs:
         kubernetes_validate.validate(doc, K8S, strict=True)
     (deployment,) = (d for d in docs if d["kind"] == "Deployment")
-    template = deployment["spec"]["template"]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {**template["metadata"], "namespace": "serving"},
-           "spec": template["spec"]}  # fmt: skip
+    pod = template_pod(deployment, "serving")
     decision = patch.admit(pod, "serving", pool("serving"))
     assert decision.injected, decision.reason
     patched = apply(pod, decision.patch)

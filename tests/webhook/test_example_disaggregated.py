@@ -13,7 +13,7 @@ import yaml
 from kvpool.operator.webhook import patch, vllm_command
 
 from ..operator_.schema_tools import validate
-from .shapes import K8S, apply, container, pool
+from .shapes import K8S, apply, container, pool, template_pod
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "disaggregated.yaml"
 
@@ -26,8 +26,7 @@ def test_prefill_pods_produce_and_decode_pods_consume() -> None:
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
         kubernetes_validate.validate(deployment, K8S, strict=True)
         template = deployment["spec"]["template"]
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {**template["metadata"], "namespace": "serving"},
-               "spec": template["spec"]}  # fmt: skip
+        pod = template_pod(deployment, "serving")
         decision = patch.admit(pod, "serving", pool("serving"))
         assert decision.injected, decision.reason
         patched = apply(pod, decision.patch)
