@@ -92,26 +92,36 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     report.longrepr = f"KVPOOL_REQUIRE_CUDA=1, but this CUDA test was skipped: {reason}"
 
 
+SERVER_ENGINES = 'ENGINE_GROUP = "servers"'
+"""A slow file that says this runs its engines in the second engine group: `vllm serve` processes
+and agents whose checks wait on generous bounds (seconds), never on a step's timing."""
+
+
 @functools.cache
-def _starts_engines(path: Path) -> bool:
-    """Whether a test file is marked ``slow`` (it starts vLLM engines), read from its source: the
-    xdist controller schedules by node id and never imports the tests."""
+def _engine_group(path: Path) -> str | None:
+    """The engine group of a test file marked ``slow`` (it starts vLLM engines), None for the rest,
+    read from its source: the xdist controller schedules by node id and never imports the tests."""
     try:
-        return "pytest.mark.slow" in Path(path).read_text()
+        text = Path(path).read_text()
     except OSError:
-        return False
+        return None
+    if "pytest.mark.slow" not in text:
+        return None
+    return "vllm-servers" if SERVER_ENGINES in text else "vllm-engines"
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """pytest-xdist (scripts/test.sh runs three workers): a test file stays on one worker, so its
-    module fixtures start once, and every file that starts vLLM engines shares one worker, so no two
-    engines compete for a small machine's cores while the other workers run the rest."""
+    module fixtures start once. The files that start vLLM engines form two groups, each on one
+    worker: the engine runs whose checks time a step or a deadline (e.g. a load cut at 500 ms)
+    never share a worker with another engine file, and the server tests (SERVER_ENGINES) run
+    beside them, so that the suite's longest worker is not every engine in a row."""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileAndEngineScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "vllm-engines" if _starts_engines(config.rootpath / path) else path
+            return _engine_group(config.rootpath / path) or path
 
     return FileAndEngineScheduling(config, log)
 

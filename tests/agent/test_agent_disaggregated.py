@@ -20,6 +20,7 @@ from ..connector.servetools import connector_config, servers
 from .conftest import agent_stats, holders
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+ENGINE_GROUP = "servers"  # tests/conftest.py: beside the step-timed engine files
 
 C = 32
 TOKENS = 32

@@ -25,6 +25,7 @@ from ..connector.enginetools import fingerprints, finish, ids, payload, plant, r
 from .conftest import agent_stats, holders, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+ENGINE_GROUP = "servers"  # tests/conftest.py: beside the step-timed engine files
 
 C = 64
 TOKENS = 32  # generated per request

@@ -43,6 +43,7 @@ from .conftest import agent_stats, dump, wait_until
 from .driven_engine import DrivenEngine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+ENGINE_GROUP = "servers"  # tests/conftest.py: beside the step-timed engine files
 
 C = 64  # tokens per chunk
 TOKENS = 32  # generated per request

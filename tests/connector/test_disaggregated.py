@@ -35,6 +35,7 @@ from .enginetools import fault_proxy, fingerprints, ids, payload, plant, run, ti
 from .servetools import connector_config, servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+ENGINE_GROUP = "servers"  # tests/conftest.py: beside the step-timed engine files
 
 C = 32  # = the block size: a hit can reach the prompt's last full block
 TOKENS = 32

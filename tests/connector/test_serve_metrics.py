@@ -24,6 +24,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(900),
 ]  # two engine starts (a cache-off one, then the server)
+ENGINE_GROUP = "servers"  # tests/conftest.py: beside the step-timed engine files
 TOKENS = 16  # generated per request
 
 

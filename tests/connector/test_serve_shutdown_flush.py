@@ -31,6 +31,7 @@ from . import servetools
 from .enginetools import tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+ENGINE_GROUP = "servers"  # tests/conftest.py: beside the step-timed engine files
 
 C = 64
 

@@ -37,6 +37,7 @@ from . import vllm_env
 
 RUNNER = pathlib.Path(__file__).with_name("payload_runner.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+ENGINE_GROUP = "servers"  # tests/conftest.py: beside the step-timed engine files
 
 
 def _norm(name: str) -> str:

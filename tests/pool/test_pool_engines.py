@@ -27,6 +27,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(1800),
 ]  # three engine starts: ~3.5 min on a busy 2-core box
+ENGINE_GROUP = "servers"  # tests/conftest.py: beside the step-timed engine files (2 s deadlines)
 
 C = 64
 RUNNER = str(Path(__file__).parent.parent / "connector" / "engine_runner.py")
