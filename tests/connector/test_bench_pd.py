@@ -1,5 +1,5 @@
 """`kvpool bench pd` refuses bad input before it starts any engine (the run itself is the engine
-path tests/connector/test_disaggregated.py covers; its figures are in docs/benchmarks.md)."""
+path tests/agent/test_agent_disaggregated.py covers; its figures are in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
